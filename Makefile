@@ -1,0 +1,39 @@
+# Thin layer over `python -m pipeline <command>`. Defaults live in pipeline/config.py:
+# a variable below is passed as a flag only when you set it, e.g. `make all DATA=path BACKBONE=efficientnet_lite0`.
+VENV   ?= .venv
+PYTHON ?= $(VENV)/bin/python
+BOOTSTRAP_PYTHON ?= python3
+
+flag = $(if $($(1)),--$(2) "$($(1))")
+LOCATION = $(call flag,CACHE,cache) $(call flag,BACKBONE,backbone)
+FEATURE_FLAGS = $(call flag,DATA,data) $(LOCATION) $(call flag,DEVICE,device) $(call flag,WEIGHTS,weights) \
+	$(call flag,BATCH_SIZE,batch-size) $(call flag,WORKERS,workers) $(if $(FORCE),--force)
+HEAD_FLAGS = $(call flag,DATA,data) $(LOCATION) $(call flag,SEED,seed) $(call flag,EPOCHS,epochs)
+REPORT_FLAGS = $(call flag,DATA,data) $(LOCATION)
+
+.PHONY: help install features train-head report all test clean
+
+help: ## list targets and variables
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  variables: DATA BACKBONE CACHE DEVICE WEIGHTS SEED EPOCHS BATCH_SIZE WORKERS FORCE=1 (defaults: pipeline/config.py)"
+
+install: ## create .venv and install the package with its dev extra
+	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
+	$(PYTHON) -m pip install -e '.[dev]'
+
+features: ## stage one: cache backbone vectors of DATA in CACHE/BACKBONE/features.h5
+	$(PYTHON) -m pipeline features $(FEATURE_FLAGS)
+
+train-head: ## stage two: train the head and the logistic baseline on the cached vectors
+	$(PYTHON) -m pipeline train-head $(HEAD_FLAGS)
+
+report: ## test accuracy of head and baseline side by side (metrics.json, report.md)
+	$(PYTHON) -m pipeline report $(REPORT_FLAGS)
+
+all: features train-head report ## the main job: features, train-head, report
+
+test: ## run the test suite (unit tests and the integration test on ../shared/data/cats-dogs)
+	$(PYTHON) -m pytest
+
+clean: ## delete everything written under CACHE (default cache/), keeping the folder
+	find $(or $(CACHE),cache) -mindepth 1 ! -name .gitkeep -delete

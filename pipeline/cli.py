@@ -1,0 +1,100 @@
+"""``python -m pipeline <command>``: a thin layer over the library; flags come from ``config.Settings``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from pipeline.backbones import BACKBONES
+from pipeline.config import DEFAULTS, SETTING_FIELDS, Settings
+from pipeline.errors import UserError
+from pipeline.extract import extract
+from pipeline.report import report
+from pipeline.train import train
+
+STAGE_ONE = ["data", "cache", "backbone", "weights", "device", "batch_size", "workers", "chunk_size", "force"]
+STAGE_TWO = ["cache", "backbone", "seed", "epochs", "patience", "hidden", "dropout", "lr", "head_batch_size", "val_fraction"]
+REPORT = ["cache", "backbone"]
+CHECKS_DATA = "check that the cache was made from this dataset (default: whichever it was made from)"
+
+
+def _run_features(settings: Settings, data: Path | None) -> None:
+    print(extract(settings).line())
+
+
+def _run_all(settings: Settings, data: Path | None) -> None:
+    _run_features(settings, data)
+    train(settings, settings.data)
+    report(settings, settings.data)
+
+
+def _list_backbones(settings: Settings, data: Path | None) -> None:
+    for b in BACKBONES.values():
+        source = f"torchvision {type(b.weights).__name__}.{b.weights.name}" if b.weights else "packaged with pip (offline)"
+        print(f"{b.name:<20} {b.feature_dim:>5}-d  input {b.crop}px  weights: {source}")
+
+
+COMMANDS = {
+    "features": (_run_features, STAGE_ONE, "stage one: cache backbone vectors of every image in HDF5"),
+    "train-head": (lambda s, d: train(s, d), STAGE_TWO, "stage two: train the head and the logistic baseline on the cache"),
+    "report": (lambda s, d: report(s, d), REPORT, "test accuracy of head and baseline, side by side"),
+    "all": (_run_all, list(dict.fromkeys(STAGE_ONE + STAGE_TWO)), "features, train-head and report in one go"),
+    "backbones": (_list_backbones, [], "list the known backbones"),
+}
+
+
+def _add_setting(parser: argparse.ArgumentParser, name: str) -> None:
+    spec = SETTING_FIELDS[name]
+    flag = "--" + name.replace("_", "-")
+    default = getattr(DEFAULTS, name)
+    if isinstance(default, bool):
+        parser.add_argument(flag, action="store_true", help=spec.metadata["help"])
+        return
+    kind = {int: int, float: float, str: str}.get(type(default), Path)
+    parser.add_argument(flag, type=kind, default=default, metavar=name.upper(),
+                        help=f"{spec.metadata['help']} (default: {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (run, settings, help) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help, description=help)
+        for setting in settings:
+            _add_setting(sub, setting)
+        if name in ("train-head", "report"):
+            sub.add_argument("--data", type=Path, default=None, help=CHECKS_DATA)
+        sub.add_argument("--debug", action="store_true", help=SETTING_FIELDS["debug"].metadata["help"])
+        sub.set_defaults(run=run)
+    return parser
+
+
+def _validate(settings: Settings) -> None:
+    for name in ("batch_size", "chunk_size", "epochs", "patience", "hidden", "head_batch_size"):
+        if getattr(settings, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < settings.val_fraction < 1:
+        raise UserError("--val-fraction must be between 0 and 1")
+    if not 0 <= settings.dropout < 1:
+        raise UserError("--dropout must be in [0, 1)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k in SETTING_FIELDS and v is not None}
+    data_check = given.pop("data", None) if args.command in ("train-head", "report") else None
+    settings = Settings(**given)
+    try:
+        _validate(settings)
+        args.run(settings, data_check)
+    except UserError as error:
+        if settings.debug:
+            traceback.print_exc()
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: committed chunks are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,269 @@
+"""Stage one: run the frozen backbone over every new or changed image, once, into the feature store.
+
+An unchanged dataset is a no-op. Otherwise vectors are reused from the previous ``features.h5``
+(same fingerprint, same file size and mtime) and from the committed chunks of an interrupted run;
+only the rest go through the backbone, chunk by chunk; then a new ``features.h5`` is assembled
+under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import PIL
+import torch
+import torchvision
+from filelock import FileLock, Timeout
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline.backbones import Backbone, get_backbone, load_backbone, resolve_device, weights_identity
+from pipeline.config import Settings
+from pipeline.errors import UserError
+from pipeline.images import SPLITS, DatasetListing, ImageFiles, collate_good, scan_dataset
+from pipeline.partial import ChunkRow, Key, PartialRun
+from pipeline.store import FeatureStore, SkipRecord, SplitIndex, StoreWriter, features_file
+
+BLOCK_ROWS = 4096  # rows gathered per write when assembling the final file
+
+
+def library_versions() -> dict[str, str]:
+    """The libraries whose version can change the numbers of a feature vector."""
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
+
+
+def fingerprint(backbone: Backbone, weights_file: Path | None) -> dict:
+    """What produced the vectors; a cache whose fingerprint differs is rebuilt, never reused."""
+    return {
+        "backbone": backbone.name,
+        "weights": weights_identity(backbone, weights_file),
+        "transform": repr(backbone.transform()),
+        "versions": library_versions(),
+        "dtype": "float32",
+    }
+
+
+@dataclass
+class ExtractSummary:
+    path: Path
+    images: dict[str, int] = field(default_factory=dict)
+    reused: int = 0
+    resumed: int = 0
+    extracted: int = 0
+    removed: int = 0
+    skipped: list[tuple[str, SkipRecord]] = field(default_factory=list)
+    seconds: float = 0.0
+    up_to_date: bool = False
+
+    def line(self) -> str:
+        size = self.path.stat().st_size / 1e6 if self.path.exists() else 0.0
+        split_counts = ", ".join(f"{n} {s}" for s, n in self.images.items())
+        rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds else ""
+        state = "up to date" if self.up_to_date else f"extracted {self.extracted}"
+        return (
+            f"features: {state} | {sum(self.images.values())} vectors ({split_counts}) in {self.path} ({size:.1f} MB) | "
+            f"reused {self.reused}, resumed {self.resumed}, removed {self.removed}, skipped {len(self.skipped)} | "
+            f"{self.seconds:.1f} s{rate}"
+        )
+
+
+def _previous(target: Path, expected: dict, force: bool) -> FeatureStore | None:
+    """The existing feature file if it may be reused; anything else is rebuilt."""
+    if force or not target.exists():
+        return None
+    try:
+        store = FeatureStore(target)
+    except UserError as error:
+        print(f"features: existing cache not reusable ({error}); rebuilding")
+        return None
+    if store.fingerprint != expected:
+        changed = [k for k in expected if store.fingerprint.get(k) != expected[k]]
+        print(f"features: {', '.join(changed)} changed since {target} was made; rebuilding")
+        store.file.close()
+        return None
+    return store
+
+
+@dataclass
+class Plan:
+    """For every listed image, where its vector comes from: the old file, a chunk, or the backbone."""
+
+    old_rows: dict[Key, int] = field(default_factory=dict)
+    old_skips: dict[Key, str] = field(default_factory=dict)
+    todo: list[Key] = field(default_factory=list)
+    resumed: int = 0
+    removed: int = 0
+    listing_changed: bool = False
+
+
+def _plan(listing: DatasetListing, previous: FeatureStore | None, partial_done: dict[Key, ChunkRow]) -> Plan:
+    plan = Plan(listing_changed=previous is None)
+    for split in SPLITS:
+        stored: dict[Key, int | str] = {}
+        if previous is not None and split in previous.splits:
+            index = previous.index(split)
+            stored = {(split, p, int(s), int(m)): row for row, (p, s, m) in enumerate(zip(index.paths, index.sizes, index.mtimes))}
+            stored |= {(split, s.path, s.size, s.mtime_ns): s.reason for s in index.skipped if s.size >= 0}
+            old_listing_skips = {(s.path, s.reason) for s in index.skipped if s.size < 0}
+            new_listing_skips = {(s.path, s.reason) for s in listing.splits[split].skipped}
+            plan.listing_changed |= old_listing_skips != new_listing_skips
+        current = set()
+        for entry in listing.splits[split].entries:
+            key = (split, entry.path, entry.size, entry.mtime_ns)
+            current.add(key)
+            found = stored.get(key)
+            if isinstance(found, int):
+                plan.old_rows[key] = found
+            elif isinstance(found, str):
+                plan.old_skips[key] = found
+            elif key in partial_done:
+                plan.resumed += 1
+            else:
+                plan.todo.append(key)
+        plan.removed += len({key[1] for key in stored} - {key[1] for key in current})
+    return plan
+
+
+def _auto_workers(settings: Settings, n_images: int) -> int:
+    if settings.workers >= 0:
+        return settings.workers
+    return 0 if n_images <= 2 * settings.batch_size else min(4, os.cpu_count() or 1)
+
+
+def _run_backbone(settings: Settings, backbone: Backbone, listing: DatasetListing, todo: list[Key], partial: PartialRun) -> None:
+    device = resolve_device(settings.device)
+    model = load_backbone(backbone, settings.weights, device)
+    dataset = ImageFiles(listing.root, [key[1] for key in todo], backbone.transform())
+    workers = _auto_workers(settings, len(todo))
+    loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=workers, collate_fn=collate_good,
+                        pin_memory=device.type == "cuda")
+    keys: list[Key] = []
+    rows: list[np.ndarray] = []
+    reasons: list[str] = []
+    zeros = np.zeros(backbone.feature_dim, dtype=np.float32)
+
+    def commit() -> None:
+        partial.save_chunk(keys[:], np.stack(rows), reasons[:])
+        keys.clear(), rows.clear(), reasons.clear()
+
+    with torch.inference_mode(), tqdm(total=len(todo), unit="img", desc=f"features {backbone.name} on {device}", disable=None) as bar:
+        for indices, images, bad in loader:
+            vectors = model(images.to(device, non_blocking=True)).float().cpu().numpy() if images is not None else []
+            results = {i: (v, "") for i, v in zip(indices, vectors)} | {i: (zeros, reason) for i, reason in bad}
+            for i in sorted(results):
+                keys.append(todo[i])
+                rows.append(results[i][0])
+                reasons.append(results[i][1])
+            if len(keys) >= settings.chunk_size:
+                commit()
+            bar.update(len(results))
+    if keys:
+        commit()
+
+
+def _assemble(target: Path, attrs: dict, listing: DatasetListing, plan: Plan, previous: FeatureStore | None,
+              partial: PartialRun, feature_dim: int, summary: ExtractSummary) -> None:
+    with StoreWriter(target, attrs) as writer:
+        for split in SPLITS:
+            sources, index = [], SplitIndex([], [], [], [], [SkipRecord(s.path, s.reason) for s in listing.splits[split].skipped])
+            for entry in listing.splits[split].entries:
+                key = (split, entry.path, entry.size, entry.mtime_ns)
+                if key in plan.old_rows:
+                    source, reason = plan.old_rows[key], ""
+                elif key in plan.old_skips:
+                    source, reason = None, plan.old_skips[key]
+                else:
+                    source = partial.done[key]
+                    reason = source.reason
+                if reason:
+                    index.skipped.append(SkipRecord(entry.path, reason, entry.size, entry.mtime_ns))
+                    continue
+                sources.append(source)
+                index.paths.append(entry.path)
+                index.labels.append(entry.label)
+                index.sizes.append(entry.size)
+                index.mtimes.append(entry.mtime_ns)
+            dataset = writer.add_split(split, index, feature_dim)
+            for start in range(0, len(sources), BLOCK_ROWS):
+                block = sources[start:start + BLOCK_ROWS]
+                old = [s for s in block if isinstance(s, int)]
+                old_block = previous.features(split, slice(min(old), max(old) + 1)) if old else None
+                dataset[start:start + len(block)] = np.stack(
+                    [old_block[s - min(old)] if isinstance(s, int) else partial.vector(s) for s in block]
+                )
+            summary.images[split] = len(sources)
+            summary.skipped += [(split, s) for s in index.skipped]
+        writer.commit()
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to cache folder {folder} ({error.strerror}); pass CACHE=/a/writable/folder") from None
+
+
+def extract(settings: Settings) -> ExtractSummary:
+    """Bring ``CACHE/<backbone>/features.h5`` up to date with ``DATA``; see the module docstring."""
+    start = time.perf_counter()
+    listing = scan_dataset(settings.data)
+    backbone = get_backbone(settings.backbone)
+    expected = fingerprint(backbone, settings.weights)
+    folder = settings.backbone_dir()
+    _check_writable(folder)
+    target = features_file(folder)
+    summary = ExtractSummary(target)
+    try:
+        with FileLock(folder / "features.lock", timeout=0):
+            previous = _previous(target, expected, settings.force)
+            partial = PartialRun(folder / "features.partial", expected)
+            plan = _plan(listing, previous, partial.done)
+            summary.removed = plan.removed
+            summary.reused = len(plan.old_rows) + len(plan.old_skips)
+            summary.resumed = plan.resumed
+            if previous is not None and not (plan.todo or plan.removed or plan.resumed or plan.listing_changed):
+                previous.file.close()
+                partial.remove()
+                summary.up_to_date = True
+                with FeatureStore(target) as store:
+                    summary.images = {s: len(store.paths(s)) for s in SPLITS}
+                    summary.skipped = [(s, r) for s in SPLITS for r in store.index(s).skipped]
+            else:
+                if plan.todo:
+                    _run_backbone(settings, backbone, listing, plan.todo, partial)
+                summary.extracted = len(plan.todo)
+                attrs = {
+                    **{k: v for k, v in expected.items() if k != "versions"},
+                    "feature_dim": backbone.feature_dim,
+                    "classes": listing.classes,
+                    "versions": json.dumps(expected["versions"]),
+                    "fingerprint": json.dumps(expected, sort_keys=True),
+                    "data_root": str(listing.root.resolve()),
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "images_extracted": summary.extracted,
+                    "extraction_seconds": time.perf_counter() - start,
+                }
+                _assemble(target, attrs, listing, plan, previous, partial, backbone.feature_dim, summary)
+                if previous is not None:
+                    previous.file.close()
+                partial.remove()
+    except Timeout:
+        raise UserError(f"another `features` run is writing {folder} (lock {folder / 'features.lock'}); wait for it to finish") from None
+    except OSError as error:
+        if error.errno == errno.ENOSPC or "No space left" in str(error):
+            raise UserError(
+                f"disk full while writing {folder}; free space and run `make features` again (finished chunks are kept)"
+            ) from None
+        raise
+    summary.seconds = time.perf_counter() - start
+    return summary

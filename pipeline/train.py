@@ -1,0 +1,84 @@
+"""Stage two: train the head and the logistic baseline on the cached vectors alone (no images, no backbone)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from pipeline.baseline import LogisticBaseline
+from pipeline.config import Settings
+from pipeline.errors import UserError
+from pipeline.head import HeadClassifier
+from pipeline.store import FeatureStore, features_file
+
+HEAD_FILE = "head.pt"
+BASELINE_FILE = "logreg.json"
+TRAINING_FILE = "training.json"
+
+
+def open_features(settings: Settings, data: Path | None = None) -> FeatureStore:
+    """The backbone's feature file, checked to be made by that backbone (and from ``data``, when given)."""
+    store = FeatureStore(features_file(settings.backbone_dir()))
+    if store.backbone != settings.backbone:
+        store.file.close()
+        raise UserError(f"{store.path} was made by backbone {store.backbone}, not {settings.backbone}; "
+                        f"pass BACKBONE={store.backbone} or run `make features BACKBONE={settings.backbone}`")
+    if data is not None and Path(store.attrs["data_root"]) != Path(data).resolve():
+        store.file.close()
+        raise UserError(f"{store.path} was made from {store.attrs['data_root']}, not {Path(data).resolve()}; "
+                        f"run `make features DATA={data}` first")
+    return store
+
+
+@dataclass
+class TrainResult:
+    head: HeadClassifier
+    baseline: LogisticBaseline
+    n_train: int
+    n_val: int
+    head_seconds: float
+    baseline_seconds: float
+
+
+def train(settings: Settings, data: Path | None = None) -> TrainResult:
+    with open_features(settings, data) as store:
+        X, y, classes = store.features("train"), store.labels("train"), store.classes
+        source = {"features_created": str(store.attrs["created"]), "backbone": store.backbone, "classes": classes}
+    counts = np.bincount(y, minlength=len(classes))
+    if counts.min() < 2:
+        raise UserError(f"class '{classes[counts.argmin()]}' has {counts.min()} usable train images; "
+                        f"the stratified validation split needs at least 2 per class")
+    try:
+        train_rows, val_rows = train_test_split(np.arange(len(y)), test_size=settings.val_fraction, stratify=y,
+                                                random_state=settings.seed)
+    except ValueError as error:
+        raise UserError(f"cannot carve a stratified validation split ({error}); change --val-fraction") from None
+    start = time.perf_counter()
+    head = HeadClassifier(settings.hidden, settings.dropout, settings.lr, settings.epochs, settings.head_batch_size,
+                          settings.patience, settings.seed, verbose=True)
+    head.fit(X[train_rows], y[train_rows], X[val_rows], y[val_rows], n_classes=len(classes))
+    head_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    baseline = LogisticBaseline(seed=settings.seed).fit(X[train_rows], y[train_rows], X[val_rows], y[val_rows],
+                                                        n_classes=len(classes))
+    baseline_seconds = time.perf_counter() - start
+    folder = settings.backbone_dir()
+    head.save(folder / HEAD_FILE, **source)
+    baseline.save(folder / BASELINE_FILE, **source)
+    (folder / TRAINING_FILE).write_text(json.dumps({
+        **source,
+        "n_train": len(train_rows),
+        "n_val": len(val_rows),
+        "seed": settings.seed,
+        "head_seconds": head_seconds,
+        "logreg_seconds": baseline_seconds,
+    }, indent=2))
+    print(f"train-head: head best epoch {head.best_epoch_} (val accuracy {head.history_[head.best_epoch_ - 1].val_accuracy:.1%}), "
+          f"{head_seconds:.1f} s | logreg C={baseline.C_} (val accuracy {baseline.val_scores_[baseline.C_]['val_accuracy']:.1%}), "
+          f"{baseline_seconds:.1f} s | saved to {folder}")
+    return TrainResult(head, baseline, len(train_rows), len(val_rows), head_seconds, baseline_seconds)

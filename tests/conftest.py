@@ -1,0 +1,56 @@
+"""Shared fixtures: small generated ImageFolder datasets, the real data, and CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO.parent / "shared" / "data" / "cats-dogs"
+COLORS = {"cat": (200, 60, 40), "dog": (40, 60, 200), "bird": (40, 200, 60)}
+
+
+def make_images(root: Path, per_class: dict[str, int], classes=("cat", "dog"), seed: int = 0, size=(40, 32)) -> Path:
+    """Write noisy solid-colour PNGs: ``root/<split>/<class>/<class><i>.png``; classes are separable by colour."""
+    rng = np.random.default_rng(seed)
+    for split, n in per_class.items():
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.clip(np.array(COLORS[name]) + rng.normal(0, 30, (size[1], size[0], 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{name}{i}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    return make_images(tmp_path / "data", {"train": 10, "test": 4})
+
+
+def run_cli(*args: str) -> int:
+    """The CLI in this process (fast: torch is imported once)."""
+    return main([str(a) for a in args])
+
+
+def run_cli_process(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it, in a fresh Python process."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env or {})}, **kwargs)
+
+
+@pytest.fixture
+def real_data() -> Path:
+    if not (REAL_DATA / "train").is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the real dataset is missing at {REAL_DATA}; CI must have it")
+        pytest.skip(f"real dataset not found at {REAL_DATA}")
+    return REAL_DATA
