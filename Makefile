@@ -7,15 +7,16 @@ BOOTSTRAP_PYTHON ?= python3
 flag = $(if $($(1)),--$(2) "$($(1))")
 LOCATION = $(call flag,CACHE,cache) $(call flag,BACKBONE,backbone)
 FEATURE_FLAGS = $(call flag,DATA,data) $(LOCATION) $(call flag,DEVICE,device) $(call flag,WEIGHTS,weights) \
+	$(call flag,PRECISION,precision) $(call flag,RUNTIME,runtime) $(call flag,STORAGE,storage) \
 	$(call flag,BATCH_SIZE,batch-size) $(call flag,WORKERS,workers) $(if $(FORCE),--force)
 HEAD_FLAGS = $(call flag,DATA,data) $(LOCATION) $(call flag,SEED,seed) $(call flag,EPOCHS,epochs)
 REPORT_FLAGS = $(call flag,DATA,data) $(LOCATION)
 
-.PHONY: help install features train-head report all test clean
+.PHONY: help install features train-head report all test bench clean
 
 help: ## list targets and variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: DATA BACKBONE CACHE DEVICE WEIGHTS SEED EPOCHS BATCH_SIZE WORKERS FORCE=1 (defaults: pipeline/config.py)"
+	@echo "  variables: DATA BACKBONE CACHE DEVICE WEIGHTS SEED EPOCHS PRECISION RUNTIME STORAGE BATCH_SIZE WORKERS FORCE=1 (defaults: pipeline/config.py)"
 
 install: ## create .venv and install the package with its dev extra
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
@@ -34,6 +35,10 @@ all: features train-head report ## the main job: features, train-head, report
 
 test: ## run the test suite (unit tests and the integration test on ../shared/data/cats-dogs)
 	$(PYTHON) -m pytest
+
+bench: ## measure stage one, time-to-head, CPU runtimes and memory; writes CACHE/bench.json
+	$(PYTHON) benchmarks/bench.py $(call flag,BACKBONE,backbone) $(call flag,CACHE,cache) $(call flag,DEVICE,device) \
+		$(call flag,BATCH_SIZE,batch-size) $(call flag,DATA,data)
 
 clean: ## delete everything written under CACHE (default cache/), keeping the folder
 	find $(or $(CACHE),cache) -mindepth 1 ! -name .gitkeep -delete

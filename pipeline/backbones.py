@@ -138,8 +138,8 @@ def _download_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def load_backbone(backbone: Backbone, weights_file: Path | None, device: torch.device) -> nn.Module:
-    """The frozen feature extractor: pretrained weights loaded, classifier replaced by Identity, eval mode."""
+def load_backbone(backbone: Backbone, weights_file: Path | None) -> nn.Module:
+    """The frozen feature extractor (on CPU): pretrained weights loaded, classifier replaced by Identity, eval mode."""
     model = backbone.build()
     if weights_file is not None:
         state = _read_state_dict(weights_file)
@@ -160,24 +160,4 @@ def load_backbone(backbone: Backbone, weights_file: Path | None, device: torch.d
             f"{len(result.unexpected_keys)} unexpected keys (e.g. '{example}'); pass a {backbone.name} state dict"
         )
     model.set_submodule(backbone.classifier, nn.Identity())
-    return model.eval().requires_grad_(False).to(device)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks MPS, then CUDA, then CPU; an explicit device must exist here."""
-    if name == "auto":
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
-    available = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
-        "mps": torch.backends.mps.is_available(),
-    }.get(device.type, False)
-    if not available:
-        raise UserError(f"device '{name}' is not available on this machine; use DEVICE=auto or DEVICE=cpu")
-    return device
+    return model.eval().requires_grad_(False)

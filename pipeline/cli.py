@@ -14,7 +14,8 @@ from pipeline.extract import extract
 from pipeline.report import report
 from pipeline.train import train
 
-STAGE_ONE = ["data", "cache", "backbone", "weights", "device", "batch_size", "workers", "chunk_size", "force"]
+STAGE_ONE = ["data", "cache", "backbone", "weights", "device", "precision", "runtime", "storage", "batch_size", "workers",
+             "chunk_size", "force"]
 STAGE_TWO = ["cache", "backbone", "seed", "epochs", "patience", "hidden", "dropout", "lr", "head_batch_size", "val_fraction"]
 REPORT = ["cache", "backbone"]
 CHECKS_DATA = "check that the cache was made from this dataset (default: whichever it was made from)"

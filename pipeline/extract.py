@@ -9,6 +9,8 @@ under a temporary name and renamed into place.
 from __future__ import annotations
 
 import errno
+import importlib.metadata
+import importlib.util
 import json
 import os
 import time
@@ -24,29 +26,45 @@ from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.backbones import Backbone, get_backbone, load_backbone, resolve_device, weights_identity
+from pipeline.backbones import Backbone, get_backbone, load_backbone, weights_identity
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.images import SPLITS, DatasetListing, ImageFiles, collate_good, scan_dataset
+from pipeline.inference import prepare, resolve_device
 from pipeline.partial import ChunkRow, Key, PartialRun
 from pipeline.store import FeatureStore, SkipRecord, SplitIndex, StoreWriter, features_file
 
 BLOCK_ROWS = 4096  # rows gathered per write when assembling the final file
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(runtime: str = "torch") -> dict[str, str]:
     """The libraries whose version can change the numbers of a feature vector."""
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
+    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
+    if runtime != "torch":
+        versions[runtime] = importlib.metadata.version(runtime) if _installed(runtime) else "missing"
+    return versions
 
 
-def fingerprint(backbone: Backbone, weights_file: Path | None) -> dict:
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def fingerprint(backbone: Backbone, settings: Settings) -> dict:
     """What produced the vectors; a cache whose fingerprint differs is rebuilt, never reused."""
+    if settings.storage not in STORAGE_DTYPES:
+        raise UserError(f"unknown storage dtype '{settings.storage}'; choose float32 or float16")
     return {
         "backbone": backbone.name,
-        "weights": weights_identity(backbone, weights_file),
+        "weights": weights_identity(backbone, settings.weights),
         "transform": repr(backbone.transform()),
-        "versions": library_versions(),
-        "dtype": "float32",
+        "decode": f"RGB, EXIF-rotated, JPEG draft to >= {backbone.resize}px",
+        "precision": settings.precision,
+        "runtime": settings.runtime,
+        "storage": settings.storage,
+        "versions": library_versions(settings.runtime),
     }
 
 
@@ -131,17 +149,22 @@ def _plan(listing: DatasetListing, previous: FeatureStore | None, partial_done: 
     return plan
 
 
-def _auto_workers(settings: Settings, n_images: int) -> int:
+def _auto_workers(settings: Settings, device: torch.device, n_images: int) -> int:
+    """Decoding workers: on an accelerator, enough to keep it busy; on a CPU they compete with the model for
+    the same cores (2 cores: 0 workers measured 75 img/s, 1 or 2 workers 58), so only many-core CPUs get some."""
     if settings.workers >= 0:
         return settings.workers
-    return 0 if n_images <= 2 * settings.batch_size else min(4, os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    if n_images <= 2 * settings.batch_size:
+        return 0
+    return min(8, cores) if device.type != "cpu" else min(4, cores // 8)
 
 
 def _run_backbone(settings: Settings, backbone: Backbone, listing: DatasetListing, todo: list[Key], partial: PartialRun) -> None:
     device = resolve_device(settings.device)
-    model = load_backbone(backbone, settings.weights, device)
-    dataset = ImageFiles(listing.root, [key[1] for key in todo], backbone.transform())
-    workers = _auto_workers(settings, len(todo))
+    forward = prepare(load_backbone(backbone, settings.weights), device, backbone.crop, settings.precision, settings.runtime)
+    dataset = ImageFiles(listing.root, [key[1] for key in todo], backbone.transform(), min_side=backbone.resize)
+    workers = _auto_workers(settings, device, len(todo))
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=workers, collate_fn=collate_good,
                         pin_memory=device.type == "cuda")
     keys: list[Key] = []
@@ -153,9 +176,9 @@ def _run_backbone(settings: Settings, backbone: Backbone, listing: DatasetListin
         partial.save_chunk(keys[:], np.stack(rows), reasons[:])
         keys.clear(), rows.clear(), reasons.clear()
 
-    with torch.inference_mode(), tqdm(total=len(todo), unit="img", desc=f"features {backbone.name} on {device}", disable=None) as bar:
+    with tqdm(total=len(todo), unit="img", desc=f"features {backbone.name} on {device}", disable=None) as bar:
         for indices, images, bad in loader:
-            vectors = model(images.to(device, non_blocking=True)).float().cpu().numpy() if images is not None else []
+            vectors = forward(images).numpy() if images is not None else []
             results = {i: (v, "") for i, v in zip(indices, vectors)} | {i: (zeros, reason) for i, reason in bad}
             for i in sorted(results):
                 keys.append(todo[i])
@@ -169,7 +192,7 @@ def _run_backbone(settings: Settings, backbone: Backbone, listing: DatasetListin
 
 
 def _assemble(target: Path, attrs: dict, listing: DatasetListing, plan: Plan, previous: FeatureStore | None,
-              partial: PartialRun, feature_dim: int, summary: ExtractSummary) -> None:
+              partial: PartialRun, feature_dim: int, dtype: type, summary: ExtractSummary) -> None:
     with StoreWriter(target, attrs) as writer:
         for split in SPLITS:
             sources, index = [], SplitIndex([], [], [], [], [SkipRecord(s.path, s.reason) for s in listing.splits[split].skipped])
@@ -190,7 +213,7 @@ def _assemble(target: Path, attrs: dict, listing: DatasetListing, plan: Plan, pr
                 index.labels.append(entry.label)
                 index.sizes.append(entry.size)
                 index.mtimes.append(entry.mtime_ns)
-            dataset = writer.add_split(split, index, feature_dim)
+            dataset = writer.add_split(split, index, feature_dim, dtype)
             for start in range(0, len(sources), BLOCK_ROWS):
                 block = sources[start:start + BLOCK_ROWS]
                 old = [s for s in block if isinstance(s, int)]
@@ -218,7 +241,7 @@ def extract(settings: Settings) -> ExtractSummary:
     start = time.perf_counter()
     listing = scan_dataset(settings.data)
     backbone = get_backbone(settings.backbone)
-    expected = fingerprint(backbone, settings.weights)
+    expected = fingerprint(backbone, settings)
     folder = settings.backbone_dir()
     _check_writable(folder)
     target = features_file(folder)
@@ -253,7 +276,8 @@ def extract(settings: Settings) -> ExtractSummary:
                     "images_extracted": summary.extracted,
                     "extraction_seconds": time.perf_counter() - start,
                 }
-                _assemble(target, attrs, listing, plan, previous, partial, backbone.feature_dim, summary)
+                _assemble(target, attrs, listing, plan, previous, partial, backbone.feature_dim,
+                          STORAGE_DTYPES[settings.storage], summary)
                 if previous is not None:
                     previous.file.close()
                 partial.remove()

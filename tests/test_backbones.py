@@ -8,9 +8,10 @@ import torch.nn.functional as F
 import torchvision
 
 from conftest import run_cli_process
-from pipeline.backbones import BACKBONES, get_backbone, load_backbone, resolve_device, weights_identity
+from pipeline.backbones import BACKBONES, get_backbone, load_backbone, weights_identity
 from pipeline.errors import UserError
 from pipeline.images import load_rgb
+from pipeline.inference import resolve_device
 
 CPU = torch.device("cpu")
 
@@ -30,7 +31,7 @@ def _save_state(model: torch.nn.Module, path, rename=lambda key: key):
 def test_each_backbone_yields_vectors_of_its_declared_size(tmp_path, name):
     backbone = get_backbone(name)
     weights = _save_state(backbone.build(), tmp_path / "random.pth")
-    model = load_backbone(backbone, weights, CPU)
+    model = load_backbone(backbone, weights)
     with torch.inference_mode():
         vectors = model(torch.randn(2, 3, 64, 64))
     assert vectors.shape == (2, backbone.feature_dim)
@@ -39,7 +40,7 @@ def test_each_backbone_yields_vectors_of_its_declared_size(tmp_path, name):
 
 def test_densenet_vector_is_what_its_classifier_sees(tmp_path, random_densenet):
     """features -> ReLU -> global average pool, not the raw (pre-ReLU) features output."""
-    model = load_backbone(get_backbone("densenet121"), _save_state(random_densenet, tmp_path / "w.pth"), CPU)
+    model = load_backbone(get_backbone("densenet121"), _save_state(random_densenet, tmp_path / "w.pth"))
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         expected = F.adaptive_avg_pool2d(F.relu(random_densenet.features(x)), 1).flatten(1)
@@ -59,7 +60,7 @@ def test_official_densenet_checkpoints_with_legacy_key_names_load(tmp_path, rand
 
     path = _save_state(random_densenet, tmp_path / "legacy.pth", legacy)
     assert any("norm.1" in k for k in torch.load(path))
-    model = load_backbone(get_backbone("densenet121"), path, CPU)
+    model = load_backbone(get_backbone("densenet121"), path)
     torch.testing.assert_close(model.features.denseblock1.denselayer1.norm1.weight,
                                random_densenet.features.denseblock1.denselayer1.norm1.weight)
 
@@ -67,14 +68,14 @@ def test_official_densenet_checkpoints_with_legacy_key_names_load(tmp_path, rand
 def test_weights_of_another_architecture_are_refused(tmp_path):
     resnet = _save_state(torchvision.models.resnet18(), tmp_path / "resnet18.pth")
     with pytest.raises(UserError, match="do not fit densenet121"):
-        load_backbone(get_backbone("densenet121"), resnet, CPU)
+        load_backbone(get_backbone("densenet121"), resnet)
 
 
 def test_files_that_are_not_state_dicts_are_refused(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
     with pytest.raises(UserError, match="cannot read weights file"):
-        load_backbone(get_backbone("densenet121"), junk, CPU)
+        load_backbone(get_backbone("densenet121"), junk)
     with pytest.raises(UserError, match="not found"):
         weights_identity(get_backbone("densenet121"), tmp_path / "missing.pth")
 

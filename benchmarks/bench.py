@@ -1,0 +1,319 @@
+"""``make bench``: stage one against the bare forward, cached against the seed notebook's way, the CPU
+runtimes side by side, stage two alone, peak memory. Ratios, measured in one run on one machine.
+
+Prints a table and writes ``CACHE/bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.backbones import get_backbone, load_backbone
+from pipeline.config import DEFAULTS, Settings
+from pipeline.extract import extract
+from pipeline.head import HeadClassifier, MLPHead
+from pipeline.images import ImageFiles, collate_good, load_rgb, scan_dataset
+from pipeline.inference import prepare, resolve_device
+from pipeline.store import FeatureStore, features_file
+
+REPO = Path(__file__).resolve().parents[1]
+RUNTIME_VARIANTS = {  # name: (precision, runtime, channels_last and allocator tuning)
+    "eager fp32": ("fp32", "torch", False),
+    "eager fp32 channels_last": ("fp32", "torch", True),
+    "eager bf16 autocast": ("bf16", "torch", True),
+    "openvino fp32": ("fp32", "openvino", True),
+    "openvino bf16": ("bf16", "openvino", True),
+}
+
+
+def subset(data: Path, folder: Path, n_train: int, n_test: int) -> Path:
+    """A smaller ImageFolder of symlinks: the first n images of each split, classes interleaved."""
+    listing = scan_dataset(data)
+    for split, n in (("train", n_train), ("test", n_test)):
+        entries = listing.splits[split].entries
+        by_class = [[e for e in entries if e.label == c] for c in range(len(listing.classes))]
+        picked = [e for group in zip(*by_class) for e in group][:n]
+        for entry in picked:
+            target = folder / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to((data / entry.path).resolve())
+    return folder
+
+
+def random_weights(backbone: str, folder: Path) -> Path:
+    path = folder / f"{backbone}-random.pth"
+    if not path.exists():
+        torch.manual_seed(0)
+        torch.save(get_backbone(backbone).build().state_dict(), path)
+    return path
+
+
+def weights_for(backbone: str, folder: Path) -> Path | None:
+    """Real weights where they are on this machine (packaged), random ones otherwise: speed does not depend on them."""
+    b = get_backbone(backbone)
+    return None if b.packaged_weights else random_weights(backbone, folder)
+
+
+def bare_forward(backbone: str, weights: Path | None, variant: str, batch_size: int, device: str, images: int) -> float:
+    """img/s of the backbone alone on ready tensors; run in a fresh process so each variant starts clean."""
+    precision, runtime, tuned = RUNTIME_VARIANTS[variant]
+    b = get_backbone(backbone)
+    model = load_backbone(b, weights)
+    if tuned:
+        forward = prepare(model, resolve_device(device), b.crop, precision, runtime)
+    else:
+        dev = resolve_device(device)
+        model = model.to(dev)
+
+        def forward(x):
+            with torch.inference_mode():
+                return model(x.to(dev)).cpu()
+    batch = torch.randn(batch_size, 3, b.crop, b.crop)
+    forward(batch)  # warm-up (and OpenVINO's compile)
+    batches = max(2, images // batch_size)
+    start = time.perf_counter()
+    for _ in range(batches):
+        forward(batch)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def in_child(args: list[str]) -> dict:
+    """Run this script in a child process and return the JSON it prints last."""
+    process = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
+    if process.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{process.stderr}")
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mb(args: list[str]) -> float:
+    """Peak resident memory of one CLI command in a fresh process, sampled from /proc (ru_maxrss would
+    include this benchmark's own memory, which a child inherits as its high-water mark at fork)."""
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while process.poll() is None:
+        with contextlib.suppress(OSError, IndexError):  # gone, or a zombie with no memory left
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            peak = max(peak, int(status.split("VmHWM:")[1].split()[0]))
+        time.sleep(0.02)
+    if process.returncode:
+        raise RuntimeError(process.stderr.read())
+    return peak / 1024
+
+
+def uncached_training(backbone: str, weights: Path | None, data: Path, settings: Settings, epochs: int) -> float:
+    """The seed notebook's way: every epoch pushes every image through the frozen backbone, then the head."""
+    b = get_backbone(backbone)
+    forward = prepare(load_backbone(b, weights), resolve_device(settings.device), b.crop)
+    listing = scan_dataset(data)
+    entries = listing.splits["train"].entries
+    dataset = ImageFiles(data, [e.path for e in entries], b.transform(), min_side=b.resize)
+    labels = torch.tensor([e.label for e in entries])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, collate_fn=collate_good,
+                                         num_workers=min(4, os.cpu_count() or 1), persistent_workers=True)
+    head = MLPHead(b.feature_dim, len(listing.classes))
+    optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for indices, images, _ in loader:
+            optimizer.zero_grad()
+            features = forward(images).clone()  # out of inference mode, so autograd may use it
+            loss = torch.nn.functional.nll_loss(head(features), labels[indices])
+            loss.backward()
+            optimizer.step()
+    return time.perf_counter() - start
+
+
+def head_training_seconds(X: np.ndarray, y: np.ndarray, epochs: int, seed: int = 0, lr: float = DEFAULTS.lr) -> float:
+    split = len(X) * 9 // 10
+    start = time.perf_counter()
+    HeadClassifier(epochs=epochs, patience=epochs, seed=seed, lr=lr).fit(X[:split], y[:split], X[split:], y[split:])
+    return time.perf_counter() - start
+
+
+def decode_ms(folder: Path, size=(3000, 2000), repeats: int = 5) -> dict:
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    path = folder / "large.jpg"
+    photo.save(path, quality=90)
+    timings = {}
+    for name, min_side in (("full", None), ("draft", 255)):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            load_rgb(path, min_side)
+        timings[f"{name}_ms"] = 1000 * (time.perf_counter() - start) / repeats
+    return {"image": f"{size[0]}x{size[1]} JPEG", **timings, "speedup": timings["full_ms"] / timings["draft_ms"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "cats-dogs")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--compare", nargs="*", default=["densenet121", "efficientnet_lite0"],
+                        help="backbones for the CPU-runtime table (random weights where none are on disk)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    parser.add_argument("--device", default=DEFAULTS.device)
+    parser.add_argument("--images", type=int, default=384, help="train images used for stage one and the notebook's way")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--heads", type=int, default=8, help="size of the hyper-parameter sweep")
+    parser.add_argument("--cache", type=Path, default=DEFAULTS.cache)
+    parser.add_argument("--forward-only", nargs=4, metavar=("BACKBONE", "WEIGHTS", "VARIANT", "IMAGES"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.forward_only:
+        backbone, weights, variant, images = args.forward_only
+        rate = bare_forward(backbone, None if weights == "-" else Path(weights), variant, args.batch_size, args.device, int(images))
+        print(json.dumps({"img_s": rate}))
+        return
+
+    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                 "torch": torch.__version__, "device": str(resolve_device(args.device))}}
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        small = subset(args.data, work / "small", args.images // 4, 16)
+        data = subset(args.data, work / "data", args.images, 16)
+        weights = weights_for(args.backbone, work)
+        settings = Settings(data=data, cache=work / "cache", backbone=args.backbone, weights=weights,
+                            batch_size=args.batch_size, device=args.device)
+
+        # 1. stage one against the bare forward (same backbone, batch size, precision and runtime)
+        summary = extract(settings)
+        pipeline_rate = summary.extracted / summary.seconds
+        bare = in_child([__file__, "--forward-only", args.backbone, str(weights or "-"), "eager fp32 channels_last",
+                            str(args.images), "--batch-size", str(args.batch_size), "--device", args.device])
+        results["stage1"] = {"backbone": args.backbone, "batch_size": args.batch_size, "images": summary.extracted,
+                             "pipeline_img_s": pipeline_rate, "bare_forward_img_s": bare["img_s"],
+                             "efficiency": pipeline_rate / bare["img_s"]}
+        results["stage1_other"] = {}
+        for other in [b for b in args.compare if b != args.backbone]:
+            other_weights = weights_for(other, work)
+            run = extract(Settings(**{**vars(settings), "backbone": other, "weights": other_weights}))
+            bare_other = in_child([__file__, "--forward-only", other, str(other_weights or "-"), "eager fp32 channels_last",
+                                   str(args.images), "--batch-size", str(args.batch_size), "--device", args.device])
+            results["stage1_other"][other] = {"images": run.extracted, "pipeline_img_s": run.extracted / run.seconds,
+                                              "bare_forward_img_s": bare_other["img_s"],
+                                              "efficiency": run.extracted / run.seconds / bare_other["img_s"]}
+        results["workers"] = {}
+        for workers in (0, 1, 2):
+            run = extract(Settings(**{**vars(settings), "cache": work / f"workers{workers}", "workers": workers}))
+            results["workers"][str(workers)] = run.extracted / run.seconds
+
+        # 2. time to a trained head: cached against the notebook's way
+        with FeatureStore(features_file(settings.backbone_dir())) as store:
+            X, y = store.features("train"), store.labels("train")
+        head_s = head_training_seconds(X, y, args.epochs)
+        uncached_s = uncached_training(args.backbone, weights, data, settings, args.epochs)
+        cached_s = summary.seconds + head_s
+        sweep_cached = summary.seconds + sum(head_training_seconds(X, y, args.epochs, seed=k, lr=DEFAULTS.lr * 2 ** (k % 4 - 2))
+                                             for k in range(args.heads))
+        per_epoch_uncached, per_epoch_head = uncached_s / args.epochs, head_s / args.epochs
+        results["time_to_head"] = {
+            "epochs": args.epochs, "images": len(y), "cached_s": cached_s, "uncached_s": uncached_s,
+            "speedup": uncached_s / cached_s, "heads": args.heads, "sweep_cached_s": sweep_cached,
+            "sweep_uncached_s_estimated": args.heads * uncached_s, "sweep_speedup": args.heads * uncached_s / sweep_cached,
+            "speedup_by_epochs": {str(e): e * per_epoch_uncached / (summary.seconds + e * per_epoch_head) for e in (1, 5, 20, 50)},
+        }
+
+        # 3. CPU runtimes side by side, each in a fresh process
+        results["runtimes"] = {}
+        for backbone in args.compare:
+            b_weights = weights_for(backbone, work)
+            rates = {}
+            for variant in RUNTIME_VARIANTS:
+                out = in_child([__file__, "--forward-only", backbone, str(b_weights or "-"), variant, "96",
+                                   "--batch-size", str(args.batch_size), "--device", "cpu"])
+                rates[variant] = out["img_s"]
+            base = rates["eager fp32 channels_last"]
+            results["runtimes"][backbone] = {v: {"img_s": r, "vs_channels_last": r / base} for v, r in rates.items()}
+
+        # 4. stage two alone
+        rng = np.random.default_rng(0)
+        dim = get_backbone(args.backbone).feature_dim
+        X10k, y10k = rng.normal(size=(10_000, dim)).astype(np.float32), rng.integers(0, 2, 10_000)
+        epoch_s = head_training_seconds(X10k, y10k, 2) / 2
+        from sklearn.linear_model import LogisticRegression
+        start = time.perf_counter()
+        LogisticRegression(max_iter=2000).fit(X, y)
+        logreg_s = time.perf_counter() - start
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pipeline", "train-head", "--cache", str(settings.cache), "--backbone", args.backbone],
+                       cwd=REPO, check=True, capture_output=True)
+        results["stage2"] = {"head_epoch_s_per_10k": epoch_s, "logreg_fit_s": logreg_s, "logreg_n": len(y),
+                             "train_head_wall_s": time.perf_counter() - start}
+
+        # 5. peak memory at two dataset sizes: stage one streams, stage two holds the vectors
+        results["memory_mb"] = {}
+        for name, folder in (("small", small), ("large", data)):
+            cache = work / f"rss-{name}"
+            common = ["--cache", cache, "--backbone", args.backbone]
+            stage1 = peak_rss_mb(["features", "--data", folder, *common, "--workers", "0", *(["--weights", weights] if weights else [])])
+            stage2 = peak_rss_mb(["train-head", *common, "--epochs", "2"])
+            images = sum(len(s.entries) for s in scan_dataset(folder).splits.values())
+            results["memory_mb"][name] = {"images": images, "stage1": stage1, "stage2": stage2}
+
+        results["decode"] = decode_ms(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    args.cache.mkdir(parents=True, exist_ok=True)
+    (args.cache / "bench.json").write_text(json.dumps(results, indent=2))
+    print(render(results))
+    print(f"wrote {args.cache / 'bench.json'}")
+
+
+def render(r: dict) -> str:
+    s1, th, s2 = r["stage1"], r["time_to_head"], r["stage2"]
+    lines = [
+        f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}, device {r['machine']['device']}",
+        "",
+        f"| stage one ({s1['backbone']}, batch {s1['batch_size']}, {s1['images']} images) | img/s |",
+        "|---|---:|",
+        f"| pipeline (decode, resize, model, HDF5) | {s1['pipeline_img_s']:.1f} |",
+        f"| bare forward on ready tensors | {s1['bare_forward_img_s']:.1f} |",
+        f"| **efficiency** | **{s1['efficiency']:.2f}** |",
+        *[f"| pipeline with {w} decode workers | {v:.1f} |" for w, v in r["workers"].items()],
+        *[f"| {b} ({o['images']} images): pipeline {o['pipeline_img_s']:.1f}, bare {o['bare_forward_img_s']:.1f}, "
+          f"**efficiency {o['efficiency']:.2f}** | |" for b, o in r["stage1_other"].items()],
+        "",
+        f"| time to a trained head ({th['images']} train images) | cached | notebook's way | speedup |",
+        "|---|---:|---:|---:|",
+        f"| {th['epochs']} epochs | {th['cached_s']:.1f} s | {th['uncached_s']:.1f} s | **{th['speedup']:.1f}x** |",
+        f"| sweep of {th['heads']} heads x {th['epochs']} epochs | {th['sweep_cached_s']:.1f} s | "
+        f"{th['sweep_uncached_s_estimated']:.1f} s (8 x measured) | **{th['sweep_speedup']:.1f}x** |",
+        *[f"| {e} epochs (from per-epoch costs) | | | {v:.1f}x |" for e, v in th["speedup_by_epochs"].items()],
+        "",
+        "| bare forward, CPU, batch " + str(s1["batch_size"]) + " | " + " | ".join(r["runtimes"]) + " |",
+        "|---|" + "---:|" * len(r["runtimes"]),
+    ]
+    variants = next(iter(r["runtimes"].values())).keys()
+    for v in variants:
+        cells = [f"{r['runtimes'][b][v]['img_s']:.1f} img/s ({r['runtimes'][b][v]['vs_channels_last']:.2f}x)" for b in r["runtimes"]]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"stage two: head {s2['head_epoch_s_per_10k']:.2f} s per epoch per 10k vectors; logistic fit {s2['logreg_fit_s']:.2f} s "
+        f"on {s2['logreg_n']} vectors; `train-head` end to end {s2['train_head_wall_s']:.1f} s",
+        "peak RSS (main process, 0 workers): " + "; ".join(f"{m['images']} images: stage one {m['stage1']:.0f} MB, stage two {m['stage2']:.0f} MB"
+                                 for m in r["memory_mb"].values()),
+        f"decode of a {r['decode']['image']}: full {r['decode']['full_ms']:.1f} ms, draft {r['decode']['draft_ms']:.1f} ms "
+        f"({r['decode']['speedup']:.1f}x)",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""How the frozen backbone runs: device choice, precision, memory format and the optional CPU runtime.
+
+Every option here is measured by ``make bench`` against the plain float32 PyTorch forward; the
+tests check that each gives the plain vectors within tolerance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import sys
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+RUNTIMES = ("torch", "openvino")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks MPS, then CUDA, then CPU; an explicit device must exist here."""
+    if name == "auto":
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }.get(device.type, False)
+    if not available:
+        raise UserError(f"device '{name}' is not available on this machine; use DEVICE=auto or DEVICE=cpu")
+    return device
+
+
+def keep_freed_memory() -> None:
+    """Stop glibc from unmapping every large freed tensor: on CPU each forward otherwise page-faults its
+    activations back in (``make bench`` measured this at about half of stage one's time). Linux/glibc only."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6")
+            m_trim_threshold, m_mmap_max = -1, -4
+            libc.mallopt(m_mmap_max, 0)
+            libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
+def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if device.type == "mps" or precision == "fp16":
+        return torch.float16
+    return torch.bfloat16
+
+
+def _openvino(model: nn.Module, crop: int, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        import openvino as ov
+    except ImportError:
+        raise UserError("RUNTIME=openvino needs the openvino package; pip install 'pipeline[fast-cpu]'") from None
+    example = torch.zeros(1, 3, crop, crop)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # OpenVINO traces with torch.jit, which warns of its deprecation
+        converted = ov.convert_model(model, example_input=example, input=[-1, 3, crop, crop])
+    hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[precision]
+    compiled = ov.Core().compile_model(converted, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint})
+    return lambda images: torch.from_numpy(np.asarray(compiled(images.numpy())[0], dtype=np.float32))
+
+
+def prepare(model: nn.Module, device: torch.device, crop: int, precision: str = "fp32",
+            runtime: str = "torch") -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function from a batch of images (on CPU) to float32 vectors (on CPU), run the chosen way."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime '{runtime}'; choose one of: {', '.join(RUNTIMES)}")
+    if device.type == "cpu":
+        keep_freed_memory()
+    if runtime == "openvino":
+        if device.type != "cpu":
+            raise UserError("RUNTIME=openvino runs on the CPU; pass DEVICE=cpu or RUNTIME=torch")
+        return _openvino(model, crop, precision)
+    model = model.to(device, memory_format=torch.channels_last)
+    dtype = _autocast_dtype(device, precision)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            return model(images).float().cpu()
+
+    return run
