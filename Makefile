@@ -11,12 +11,14 @@ FEATURE_FLAGS = $(call flag,DATA,data) $(LOCATION) $(call flag,DEVICE,device) $(
 	$(call flag,BATCH_SIZE,batch-size) $(call flag,WORKERS,workers) $(if $(FORCE),--force)
 HEAD_FLAGS = $(call flag,DATA,data) $(LOCATION) $(call flag,SEED,seed) $(call flag,EPOCHS,epochs)
 REPORT_FLAGS = $(call flag,DATA,data) $(LOCATION)
+PREDICT_FLAGS = $(LOCATION) $(call flag,DEVICE,device) $(call flag,WEIGHTS,weights) $(call flag,PRECISION,precision) \
+	$(call flag,RUNTIME,runtime) $(call flag,MODEL,model) $(call flag,TOP_K,top-k) $(call flag,FORMAT,format)
 
-.PHONY: help install features train-head report all test bench clean
+.PHONY: help install features train-head report all predict test bench clean
 
 help: ## list targets and variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: DATA BACKBONE CACHE DEVICE WEIGHTS SEED EPOCHS PRECISION RUNTIME STORAGE BATCH_SIZE WORKERS FORCE=1 (defaults: pipeline/config.py)"
+	@echo "  variables: DATA BACKBONE CACHE DEVICE WEIGHTS SEED EPOCHS PRECISION RUNTIME STORAGE BATCH_SIZE WORKERS FORCE=1 IMAGES MODEL TOP_K FORMAT (defaults: pipeline/config.py)"
 
 install: ## create .venv and install the package with its dev extra
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
@@ -32,6 +34,10 @@ report: ## test accuracy of head and baseline side by side (metrics.json, report
 	$(PYTHON) -m pipeline report $(REPORT_FLAGS)
 
 all: features train-head report ## the main job: features, train-head, report
+
+predict: ## classify IMAGES (files or folders) with the trained head; MODEL=logreg TOP_K=3 FORMAT=csv|json
+	$(if $(IMAGES),,$(error pass IMAGES=path/to/images (files or folders)))
+	$(PYTHON) -m pipeline predict $(IMAGES) $(PREDICT_FLAGS)
 
 test: ## run the test suite (unit tests and the integration test on ../shared/data/cats-dogs)
 	$(PYTHON) -m pytest

@@ -11,6 +11,8 @@ from pipeline.backbones import BACKBONES
 from pipeline.config import DEFAULTS, SETTING_FIELDS, Settings
 from pipeline.errors import UserError
 from pipeline.extract import extract
+from pipeline.predict import predict
+from pipeline.predict import render as render_predictions
 from pipeline.report import report
 from pipeline.train import train
 
@@ -18,6 +20,7 @@ STAGE_ONE = ["data", "cache", "backbone", "weights", "device", "precision", "run
              "chunk_size", "force"]
 STAGE_TWO = ["cache", "backbone", "seed", "epochs", "patience", "hidden", "dropout", "lr", "head_batch_size", "val_fraction"]
 REPORT = ["cache", "backbone"]
+PREDICT = ["cache", "backbone", "weights", "device", "precision", "runtime", "batch_size", "workers", "model", "top_k", "format"]
 CHECKS_DATA = "check that the cache was made from this dataset (default: whichever it was made from)"
 
 
@@ -31,6 +34,15 @@ def _run_all(settings: Settings, data: Path | None) -> None:
     report(settings, settings.data)
 
 
+def _run_predict(settings: Settings, data: Path | None, images: list[Path]) -> None:
+    predictions = predict(settings, images, settings.model, settings.top_k)
+    print(render_predictions(predictions, settings.format, settings.top_k))
+    if settings.format != "text":
+        for p in predictions:
+            if p.skipped:
+                print(f"skipped {p.path}: {p.skipped}", file=sys.stderr)
+
+
 def _list_backbones(settings: Settings, data: Path | None) -> None:
     for b in BACKBONES.values():
         source = f"torchvision {type(b.weights).__name__}.{b.weights.name}" if b.weights else "packaged with pip (offline)"
@@ -42,6 +54,7 @@ COMMANDS = {
     "train-head": (lambda s, d: train(s, d), STAGE_TWO, "stage two: train the head and the logistic baseline on the cache"),
     "report": (lambda s, d: report(s, d), REPORT, "test accuracy of head and baseline, side by side"),
     "all": (_run_all, list(dict.fromkeys(STAGE_ONE + STAGE_TWO)), "features, train-head and report in one go"),
+    "predict": (_run_predict, PREDICT, "classify image files or folders with the trained head (or --model logreg)"),
     "backbones": (_list_backbones, [], "list the known backbones"),
 }
 
@@ -67,13 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
             _add_setting(sub, setting)
         if name in ("train-head", "report"):
             sub.add_argument("--data", type=Path, default=None, help=CHECKS_DATA)
+        if name == "predict":
+            sub.add_argument("images", nargs="+", type=Path, help="image files or folders")
         sub.add_argument("--debug", action="store_true", help=SETTING_FIELDS["debug"].metadata["help"])
         sub.set_defaults(run=run)
     return parser
 
 
 def _validate(settings: Settings) -> None:
-    for name in ("batch_size", "chunk_size", "epochs", "patience", "hidden", "head_batch_size"):
+    for name in ("batch_size", "chunk_size", "epochs", "patience", "hidden", "head_batch_size", "top_k"):
         if getattr(settings, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < settings.val_fraction < 1:
@@ -89,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(**given)
     try:
         _validate(settings)
-        args.run(settings, data_check)
+        args.run(settings, data_check, *([args.images] if args.command == "predict" else []))
     except UserError as error:
         if settings.debug:
             traceback.print_exc()

@@ -39,6 +39,10 @@ class Settings:
     lr: float = _setting(0.003, "Adam learning rate of the head")
     head_batch_size: int = _setting(64, "vectors per optimisation step of the head")
     val_fraction: float = _setting(0.1, "fraction of train held out (stratified) for choosing the epoch and C")
+    # predict
+    model: str = _setting("head", "which trained classifier predicts: head or logreg")
+    top_k: int = _setting(1, "classes to show per image, most probable first")
+    format: str = _setting("text", "output of predict: text, csv or json")
     # diagnostics
     debug: bool = _setting(False, "show full tracebacks instead of one-line errors")
 

@@ -4,12 +4,15 @@ matrices, split sizes, timings and skipped images; written as ``metrics.json`` a
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
+from pipeline import plots
 from pipeline.baseline import LogisticBaseline
 from pipeline.config import Settings
 from pipeline.errors import UserError
@@ -18,6 +21,7 @@ from pipeline.images import SPLITS
 from pipeline.train import BASELINE_FILE, HEAD_FILE, TRAINING_FILE, open_features
 
 MODELS = ("head", "logreg")
+TITLES = {"head": "Head", "logreg": "Logistic regression"}
 
 
 def _load(path: Path, loader, created: str):
@@ -44,9 +48,10 @@ def evaluate(model, X: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
 
 
 def build_metrics(settings: Settings, data: Path | None = None) -> dict:
+    """Metrics of head and baseline on the test split, and the report's pictures beside them."""
     folder = settings.backbone_dir()
     with open_features(settings, data) as store:
-        X, y, classes = store.features("test"), store.labels("test"), store.classes
+        X, y, classes, paths = store.features("test"), store.labels("test"), store.classes, store.paths("test")
         attrs = store.attrs
         skipped = [{"split": s, "path": r.path, "reason": r.reason} for s in SPLITS for r in store.index(s).skipped]
         n_test = len(y)
@@ -54,6 +59,18 @@ def build_metrics(settings: Settings, data: Path | None = None) -> dict:
     head = _load(folder / HEAD_FILE, HeadClassifier.load, created)
     baseline = _load(folder / BASELINE_FILE, LogisticBaseline.load, created)
     training = json.loads((folder / TRAINING_FILE).read_text())
+    data_root = Path(str(attrs["data_root"]))
+    history = [vars(h) for h in head.history_]
+    models = {"head": head, "logreg": baseline}
+    figures = {
+        "learning_curves": plots.learning_curves(history, head.best_epoch_, folder / "learning_curves.png"),
+        "embedding": plots.embedding_map(X, y, classes, folder / "embedding.png", seed=training["seed"]),
+    }
+    wrong = {}
+    for name, model in models.items():
+        figures[f"top_losses_{name}"], wrong[name] = plots.top_losses(
+            data_root, paths, y, model.predict_proba(X), classes, f"{TITLES[name]}: most confidently wrong test images",
+            folder / f"top_losses_{name}.png")
     metrics = {
         "backbone": settings.backbone,
         "feature_dim": int(attrs["feature_dim"]),
@@ -62,9 +79,9 @@ def build_metrics(settings: Settings, data: Path | None = None) -> dict:
         "n_train": training["n_train"],
         "n_val": training["n_val"],
         "n_test": n_test,
-        "head": {**evaluate(head, X, y, classes), "best_epoch": head.best_epoch_,
-                 "history": [vars(h) for h in head.history_]},
-        "logreg": {**evaluate(baseline, X, y, classes), "C": baseline.C_},
+        "head": {**evaluate(head, X, y, classes), "best_epoch": head.best_epoch_, "history": history,
+                 "most_confidently_wrong": wrong["head"]},
+        "logreg": {**evaluate(baseline, X, y, classes), "C": baseline.C_, "most_confidently_wrong": wrong["logreg"]},
         "timings": {
             "features_seconds": float(attrs["extraction_seconds"]),
             "images_extracted": int(attrs["images_extracted"]),
@@ -73,18 +90,23 @@ def build_metrics(settings: Settings, data: Path | None = None) -> dict:
         },
         "skipped": skipped,
     }
+    matrices = {TITLES[m]: metrics[m]["confusion_matrix"] for m in MODELS}
+    figures["confusion"] = plots.confusion_matrices(matrices, classes, folder / "confusion.png")
+    metrics["figures"] = {name: path.name for name, path in figures.items()}
     return metrics
 
 
-def _table(metrics: dict) -> list[str]:
+def _rows(metrics: dict) -> list[tuple[str, float, float]]:
     head, logreg = metrics["head"], metrics["logreg"]
     rows = [("test accuracy", head["test_accuracy"], logreg["test_accuracy"])]
     for name in metrics["classes"]:
         for measure in ("precision", "recall"):
             rows.append((f"{name} {measure}", head["per_class"][name][measure], logreg["per_class"][name][measure]))
-    lines = ["| | head | logreg |", "|---|---:|---:|"]
-    lines += [f"| {label} | {a:.4f} | {b:.4f} |" for label, a, b in rows]
-    return lines
+    return rows
+
+
+def _table(metrics: dict) -> list[str]:
+    return ["| | head | logreg |", "|---|---:|---:|"] + [f"| {label} | {a:.4f} | {b:.4f} |" for label, a, b in _rows(metrics)]
 
 
 def _confusion(name: str, matrix: list[list[int]], classes: list[str]) -> list[str]:
@@ -117,12 +139,67 @@ def render_markdown(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+HTML_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }} img {{ max-width: 100%; display: block; margin: 1em 0; }}
+.big {{ font-size: 1.4em; }} code {{ background: #f3f3f3; padding: 1px 4px; }}
+</style></head>
+<body data-images-loaded="0">
+{body}
+<script>
+window.addEventListener("load", () => {{
+  const images = Array.from(document.images);
+  document.body.dataset.imagesTotal = images.length;
+  document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+}});
+</script>
+</body></html>
+"""
+
+
+def render_html(metrics: dict, folder: Path) -> str:
+    """A self-contained page: every picture embedded as a data URI, so it opens from disk with no server."""
+    t, esc = metrics["timings"], html.escape
+    figure = lambda name, alt: f'<img src="{_data_uri(folder / metrics["figures"][name])}" alt="{esc(alt)}">'  # noqa: E731
+    rows = "".join(f"<tr><td>{esc(label)}</td><td>{a:.4f}</td><td>{b:.4f}</td></tr>" for label, a, b in _rows(metrics))
+    skipped = "".join(f"<li><code>{esc(s['path'])}</code>: {esc(s['reason'])}</li>" for s in metrics["skipped"])
+    extraction_rate = t["images_extracted"] / t["features_seconds"] if t["features_seconds"] else 0.0
+    body = f"""
+<h1>{esc(metrics['backbone'])} ({metrics['feature_dim']}-d) on {len(metrics['classes'])} classes</h1>
+<p class="big">Test accuracy: head <b>{metrics['head']['test_accuracy']:.2%}</b>,
+logistic regression <b>{metrics['logreg']['test_accuracy']:.2%}</b></p>
+<table><tr><th></th><th>head</th><th>logreg</th></tr>{rows}</table>
+<table><tr><th>split</th><th>images</th></tr><tr><td>train</td><td>{metrics['n_train']}</td></tr>
+<tr><td>validation</td><td>{metrics['n_val']}</td></tr><tr><td>test</td><td>{metrics['n_test']}</td></tr></table>
+<table><tr><th>stage</th><th>seconds</th></tr>
+<tr><td>features ({t['images_extracted']} images, {extraction_rate:.1f} img/s)</td><td>{t['features_seconds']:.1f}</td></tr>
+<tr><td>head (best epoch {metrics['head']['best_epoch']})</td><td>{t['head_seconds']:.2f}</td></tr>
+<tr><td>logistic regression (C={metrics['logreg']['C']})</td><td>{t['logreg_seconds']:.2f}</td></tr></table>
+<p>Weights: <code>{esc(metrics['weights'])}</code></p>
+<h2>Learning curves</h2>{figure('learning_curves', 'learning curves of the head')}
+<h2>Confusion matrices</h2>{figure('confusion', 'confusion matrices of head and baseline')}
+<h2>Most confidently wrong</h2>{figure('top_losses_head', 'top losses of the head')}
+{figure('top_losses_logreg', 'top losses of the baseline')}
+<h2>Map of the cached vectors</h2>{figure('embedding', 'PCA and t-SNE of the test vectors')}
+<h2>Skipped images: {len(metrics['skipped'])}</h2><ul>{skipped}</ul>
+"""
+    return HTML_PAGE.format(title=esc(f"report: {metrics['backbone']}"), body=body)
+
+
 def report(settings: Settings, data: Path | None = None) -> dict:
     metrics = build_metrics(settings, data)
     folder = settings.backbone_dir()
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     markdown = render_markdown(metrics)
     (folder / "report.md").write_text(markdown)
+    (folder / "report.html").write_text(render_html(metrics, folder))
     print(markdown, end="")
-    print(f"report: wrote {folder / 'metrics.json'} and {folder / 'report.md'}")
+    print(f"report: wrote metrics.json, report.md, report.html and {len(metrics['figures'])} PNGs to {folder}")
     return metrics

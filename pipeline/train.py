@@ -48,7 +48,8 @@ class TrainResult:
 def train(settings: Settings, data: Path | None = None) -> TrainResult:
     with open_features(settings, data) as store:
         X, y, classes = store.features("train"), store.labels("train"), store.classes
-        source = {"features_created": str(store.attrs["created"]), "backbone": store.backbone, "classes": classes}
+        source = {"features_created": str(store.attrs["created"]), "backbone": store.backbone, "classes": classes,
+                  "weights": store.fingerprint["weights"]}
     counts = np.bincount(y, minlength=len(classes))
     if counts.min() < 2:
         raise UserError(f"class '{classes[counts.argmin()]}' has {counts.min()} usable train images; "

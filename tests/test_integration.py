@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -21,3 +24,10 @@ def test_cats_vs_dogs_head_and_baseline_reach_97_percent(tmp_path, real_data):
     assert metrics["skipped"] == []
     assert metrics["head"]["test_accuracy"] >= 0.97
     assert metrics["logreg"]["test_accuracy"] >= 0.97
+
+    predicted = run_cli_process("predict", real_data / "test", *common, "--format", "csv")
+    assert predicted.returncode == 0, predicted.stderr
+    rows = list(csv.DictReader(io.StringIO(predicted.stdout)))
+    assert len(rows) == 500
+    accuracy = sum(r["prediction"] == Path(r["path"]).parent.name for r in rows) / len(rows)
+    assert abs(accuracy - metrics["head"]["test_accuracy"]) <= 1 / 500  # a tie at the boundary at most

@@ -1,0 +1,115 @@
+"""``predict``: the trained head (or the baseline) on new images, with stage one's backbone and preprocessing."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from pipeline.backbones import get_backbone, load_backbone, weights_identity
+from pipeline.baseline import LogisticBaseline
+from pipeline.config import Settings
+from pipeline.errors import UserError
+from pipeline.head import HeadClassifier
+from pipeline.images import IMG_EXTENSIONS, ImageFiles, collate_good
+from pipeline.inference import prepare, resolve_device
+from pipeline.train import BASELINE_FILE, HEAD_FILE
+
+MODELS = ("head", "logreg")
+FORMATS = ("text", "csv", "json")
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]] = field(default_factory=list)
+    skipped: str = ""
+
+
+def image_files(inputs: list[Path]) -> tuple[list[Path], list[Prediction]]:
+    """Files as given, folders walked in sorted order; what is not an image is returned as skipped."""
+    files, skipped = [], []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            candidates = sorted(p for p in item.rglob("*") if p.is_file())
+        elif item.is_file():
+            candidates = [item]
+        else:
+            raise UserError(f"'{item}' does not exist; pass image files or folders (IMAGES=...)")
+        for path in candidates:
+            if any(part.startswith(".") for part in path.relative_to(item if item.is_dir() else path.parent).parts):
+                skipped.append(Prediction(str(path), skipped="hidden file"))
+            elif path.suffix.lower() not in IMG_EXTENSIONS:
+                skipped.append(Prediction(str(path), skipped="not an image file extension"))
+            else:
+                files.append(path)
+    return files, skipped
+
+
+def _load_model(settings: Settings, model: str):
+    if model not in MODELS:
+        raise UserError(f"unknown model '{model}'; choose head or logreg")
+    path = settings.backbone_dir() / (HEAD_FILE if model == "head" else BASELINE_FILE)
+    if not path.is_file():
+        raise UserError(f"no trained {model} at {path}; run `make train-head` with the same BACKBONE and CACHE first")
+    classifier, saved = (HeadClassifier if model == "head" else LogisticBaseline).load(path)
+    if saved.get("backbone") != settings.backbone:
+        raise UserError(f"{path} was trained on {saved.get('backbone')} vectors, not {settings.backbone}; pass BACKBONE={saved.get('backbone')}")
+    return classifier, saved
+
+
+def predict(settings: Settings, inputs: list[Path], model: str = "head", top_k: int = 1) -> list[Prediction]:
+    classifier, saved = _load_model(settings, model)
+    backbone = get_backbone(settings.backbone)
+    weights = weights_identity(backbone, settings.weights)
+    if saved.get("weights") != weights:
+        raise UserError(f"the {model} was trained on vectors from weights {saved.get('weights')}, not {weights}; "
+                        f"pass the same WEIGHTS as for `make features`")
+    files, results = image_files(inputs)
+    if not files:
+        return results
+    forward = prepare(load_backbone(backbone, settings.weights), resolve_device(settings.device), backbone.crop,
+                      settings.precision, settings.runtime)
+    dataset = ImageFiles(Path("/"), [str(p.resolve()) for p in files], backbone.transform(), min_side=backbone.resize)
+    loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate_good, num_workers=max(settings.workers, 0))
+    classes = saved["classes"]
+    by_index: dict[int, Prediction] = {}
+    for indices, images, bad in loader:
+        for i, reason in bad:
+            by_index[i] = Prediction(str(files[i]), skipped=reason)
+        if images is None:
+            continue
+        proba = classifier.predict_proba(forward(images).numpy())
+        for i, row in zip(indices, proba):
+            order = np.argsort(-row)[:top_k]
+            by_index[i] = Prediction(str(files[i]), [(classes[c], float(row[c])) for c in order])
+    return [by_index[i] for i in range(len(files))] + results
+
+
+def render(predictions: list[Prediction], format: str, top_k: int) -> str:
+    if format not in FORMATS:
+        raise UserError(f"unknown format '{format}'; choose text, csv or json")
+    if format == "json":
+        return json.dumps([{"path": p.path, "prediction": p.top[0][0] if p.top else None,
+                            "probability": p.top[0][1] if p.top else None,
+                            "top_k": [{"class": c, "probability": q} for c, q in p.top], "skipped": p.skipped or None}
+                           for p in predictions], indent=2)
+    if format == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        extra = [f"{kind}{k}" for k in range(2, top_k + 1) for kind in ("prediction", "probability")]
+        writer.writerow(["path", "prediction", "probability", *extra, "skipped"])
+        for p in predictions:
+            cells = [x for c, q in p.top for x in (c, f"{q:.6f}")]
+            writer.writerow([p.path, *cells, *[""] * (2 * top_k - len(cells)), p.skipped])
+        return out.getvalue().rstrip("\n")
+    width = max(len(p.path) for p in predictions) if predictions else 0
+    return "\n".join(
+        f"{p.path:<{width}}  " + ("skipped: " + p.skipped if p.skipped else "  ".join(f"{c} {q:.1%}" for c, q in p.top))
+        for p in predictions
+    )

@@ -1,0 +1,107 @@
+"""What a practitioner looks at and uses: report.html in a real browser, and `predict` on new images."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli, run_cli_process
+
+LITE = ("--backbone", "efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Tiny data through all three stages, with a few mislabelled test images so there are errors to show."""
+    from conftest import make_images
+
+    root = tmp_path_factory.mktemp("trained")
+    data = make_images(root / "data", {"train": 12, "test": 5})
+    for i in (0, 1):
+        shutil.move(data / f"test/cat/cat{i}.png", data / f"test/dog/moved-cat{i}.png")
+    cache = root / "cache"
+    assert run_cli("features", "--data", data, "--cache", cache, *LITE) == 0
+    assert run_cli("train-head", "--cache", cache, *LITE, "--epochs", "5") == 0
+    assert run_cli("report", "--cache", cache, *LITE) == 0
+    return data, cache, cache / "efficientnet_lite0"
+
+
+def test_report_writes_pictures_and_lists_the_confidently_wrong(trained):
+    _, _, folder = trained
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert set(metrics["figures"]) == {"learning_curves", "embedding", "top_losses_head", "top_losses_logreg", "confusion"}
+    for name in metrics["figures"].values():
+        with Image.open(folder / name) as image:
+            assert image.format == "PNG" and image.width > 300
+    wrong = metrics["head"]["most_confidently_wrong"]
+    assert {w["path"] for w in wrong} == {"test/dog/moved-cat0.png", "test/dog/moved-cat1.png"}
+    assert all(w["true"] == "dog" and w["predicted"] == "cat" for w in wrong)
+    page = (folder / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 5 and "file://" not in page and "http" not in page.split("<style>")[0]
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is missing; .ci/run installs Debian's chromium package")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    return found
+
+
+def test_report_html_loads_with_all_its_images_in_headless_chromium(trained, tmp_path):
+    chromium = _chromium()
+    page = (trained[2] / "report.html").as_uri()
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--virtual-time-budget=5000", "--dump-dom", page], capture_output=True, text=True, timeout=120)
+    assert 'data-images-total="5"' in dom.stdout and 'data-images-loaded="5"' in dom.stdout, dom.stderr[-2000:]
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, "--window-size=1200,3000", f"--screenshot={shot}", page], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape == (3000, 1200) and pixels.std() > 20  # a rendered page, not a blank one
+
+
+def test_predict_classifies_files_and_folders_in_every_format(trained):
+    data, cache, _ = trained
+    common = ["--cache", cache, *LITE]
+    text = run_cli_process("predict", data / "test/cat", data / "test/dog/dog0.png", *common)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.strip().splitlines()
+    assert len(lines) == 4 and all(" cat " in line for line in lines[:3]) and " dog " in lines[3]
+    table = run_cli_process("predict", data / "test", *common, "--format", "csv", "--top-k", "2", "--model", "logreg")
+    rows = list(csv.DictReader(io.StringIO(table.stdout)))
+    assert list(rows[0])[:3] == ["path", "prediction", "probability"] and len(rows) == 10
+    assert all(abs(float(r["probability"]) + float(r["probability2"]) - 1) < 1e-6 for r in rows)
+    listed = json.loads(run_cli_process("predict", data / "test/dog", *common, "--format", "json").stdout)
+    assert [(p["path"].rsplit("/", 1)[1], p["prediction"]) for p in listed][-3:] == [
+        ("dog4.png", "dog"), ("moved-cat0.png", "cat"), ("moved-cat1.png", "cat")]
+
+
+def test_predict_reports_bad_images_and_refuses_a_foreign_head(trained, tmp_path):
+    data, cache, _ = trained
+    (tmp_path / "broken.jpg").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("x")
+    Image.new("RGB", (40, 30), (200, 60, 40)).save(tmp_path / "ok.png")
+    result = run_cli_process("predict", tmp_path, "--cache", cache, *LITE, "--format", "csv")
+    assert result.returncode == 0
+    rows = {r["path"].rsplit("/", 1)[1]: r for r in csv.DictReader(io.StringIO(result.stdout))}
+    assert rows["broken.jpg"]["skipped"].startswith("empty file") and rows["notes.txt"]["skipped"]
+    assert rows["ok.png"]["prediction"] == "cat"
+    assert "skipped" in result.stderr
+    foreign = run_cli_process("predict", tmp_path / "ok.png", "--cache", cache, "--backbone", "densenet121")
+    assert foreign.returncode == 2 and "no trained head" in foreign.stderr
+    weights = tmp_path / "other.pth"
+    from pipeline.backbones import get_backbone
+    import torch
+    torch.save(get_backbone("efficientnet_lite0").build().state_dict(), weights)
+    other = run_cli_process("predict", tmp_path / "ok.png", "--cache", cache, *LITE, "--weights", weights)
+    assert other.returncode == 2 and "trained on vectors from weights" in other.stderr
