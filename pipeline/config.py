@@ -30,6 +30,7 @@ class Settings:
     workers: int = _setting(-1, "image-decoding worker processes; -1 picks from the CPU count")
     chunk_size: int = _setting(256, "images per committed chunk; an interrupted run resumes from the last one")
     force: bool = _setting(False, "re-extract everything even if the cache is up to date")
+    augment: int = _setting(0, "also cache this many augmented views of every train image (RandomRotation, RandomResizedCrop, flip)")
     # stage two
     seed: int = _setting(0, "seed for the validation split, head initialisation and shuffling")
     epochs: int = _setting(20, "maximum training epochs of the head")
@@ -39,6 +40,8 @@ class Settings:
     lr: float = _setting(0.003, "Adam learning rate of the head")
     head_batch_size: int = _setting(64, "vectors per optimisation step of the head")
     val_fraction: float = _setting(0.1, "fraction of train held out (stratified) for choosing the epoch and C")
+    # compare
+    backbones: str = _setting("densenet121 resnet50 efficientnet_lite0", "space-separated backbones for `compare`")
     # predict
     model: str = _setting("head", "which trained classifier predicts: head or logreg")
     top_k: int = _setting(1, "classes to show per image, most probable first")

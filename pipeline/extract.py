@@ -29,7 +29,7 @@ from tqdm import tqdm
 from pipeline.backbones import Backbone, get_backbone, load_backbone, weights_identity
 from pipeline.config import Settings
 from pipeline.errors import UserError
-from pipeline.images import SPLITS, DatasetListing, ImageFiles, collate_good, scan_dataset
+from pipeline.images import AUGMENTED, DatasetListing, ImageFiles, augmented_views, collate_good, scan_dataset
 from pipeline.inference import prepare, resolve_device
 from pipeline.partial import ChunkRow, Key, PartialRun
 from pipeline.store import FeatureStore, SkipRecord, SplitIndex, StoreWriter, features_file
@@ -61,6 +61,7 @@ def fingerprint(backbone: Backbone, settings: Settings) -> dict:
         "weights": weights_identity(backbone, settings.weights),
         "transform": repr(backbone.transform()),
         "decode": f"RGB, EXIF-rotated, JPEG draft to >= {backbone.resize}px",
+        "augment": f"{backbone.augment_transform()!r} seeded by crc32 of '<path>#aug<k>'",
         "precision": settings.precision,
         "runtime": settings.runtime,
         "storage": settings.storage,
@@ -123,17 +124,18 @@ class Plan:
 
 def _plan(listing: DatasetListing, previous: FeatureStore | None, partial_done: dict[Key, ChunkRow]) -> Plan:
     plan = Plan(listing_changed=previous is None)
-    for split in SPLITS:
+    old_splits = previous.splits if previous is not None else []
+    for split in dict.fromkeys([*listing.splits, *old_splits]):
         stored: dict[Key, int | str] = {}
         if previous is not None and split in previous.splits:
             index = previous.index(split)
             stored = {(split, p, int(s), int(m)): row for row, (p, s, m) in enumerate(zip(index.paths, index.sizes, index.mtimes))}
             stored |= {(split, s.path, s.size, s.mtime_ns): s.reason for s in index.skipped if s.size >= 0}
             old_listing_skips = {(s.path, s.reason) for s in index.skipped if s.size < 0}
-            new_listing_skips = {(s.path, s.reason) for s in listing.splits[split].skipped}
+            new_listing_skips = {(s.path, s.reason) for s in listing.splits[split].skipped} if split in listing.splits else set()
             plan.listing_changed |= old_listing_skips != new_listing_skips
         current = set()
-        for entry in listing.splits[split].entries:
+        for entry in listing.splits[split].entries if split in listing.splits else []:
             key = (split, entry.path, entry.size, entry.mtime_ns)
             current.add(key)
             found = stored.get(key)
@@ -160,10 +162,10 @@ def _auto_workers(settings: Settings, device: torch.device, n_images: int) -> in
     return min(8, cores) if device.type != "cpu" else min(4, cores // 8)
 
 
-def _run_backbone(settings: Settings, backbone: Backbone, listing: DatasetListing, todo: list[Key], partial: PartialRun) -> None:
-    device = resolve_device(settings.device)
-    forward = prepare(load_backbone(backbone, settings.weights), device, backbone.crop, settings.precision, settings.runtime)
-    dataset = ImageFiles(listing.root, [key[1] for key in todo], backbone.transform(), min_side=backbone.resize)
+def _run_backbone(settings: Settings, backbone: Backbone, listing: DatasetListing, todo: list[Key], partial: PartialRun,
+                  forward, device: torch.device) -> None:
+    dataset = ImageFiles(listing.root, [key[1] for key in todo], backbone.transform(), min_side=backbone.resize,
+                         augment=backbone.augment_transform())
     workers = _auto_workers(settings, device, len(todo))
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=workers, collate_fn=collate_good,
                         pin_memory=device.type == "cuda")
@@ -194,7 +196,7 @@ def _run_backbone(settings: Settings, backbone: Backbone, listing: DatasetListin
 def _assemble(target: Path, attrs: dict, listing: DatasetListing, plan: Plan, previous: FeatureStore | None,
               partial: PartialRun, feature_dim: int, dtype: type, summary: ExtractSummary) -> None:
     with StoreWriter(target, attrs) as writer:
-        for split in SPLITS:
+        for split in listing.splits:
             sources, index = [], SplitIndex([], [], [], [], [SkipRecord(s.path, s.reason) for s in listing.splits[split].skipped])
             for entry in listing.splits[split].entries:
                 key = (split, entry.path, entry.size, entry.mtime_ns)
@@ -240,6 +242,8 @@ def extract(settings: Settings) -> ExtractSummary:
     """Bring ``CACHE/<backbone>/features.h5`` up to date with ``DATA``; see the module docstring."""
     start = time.perf_counter()
     listing = scan_dataset(settings.data)
+    if settings.augment > 0:
+        listing.splits[AUGMENTED] = augmented_views(listing.splits["train"], settings.augment)
     backbone = get_backbone(settings.backbone)
     expected = fingerprint(backbone, settings)
     folder = settings.backbone_dir()
@@ -259,11 +263,21 @@ def extract(settings: Settings) -> ExtractSummary:
                 partial.remove()
                 summary.up_to_date = True
                 with FeatureStore(target) as store:
-                    summary.images = {s: len(store.paths(s)) for s in SPLITS}
-                    summary.skipped = [(s, r) for s in SPLITS for r in store.index(s).skipped]
+                    summary.images = {s: len(store.paths(s)) for s in store.splits}
+                    summary.skipped = [(s, r) for s in store.splits for r in store.index(s).skipped]
             else:
+                plain = [key for key in plan.todo if key[0] != AUGMENTED]
+                views = [key for key in plan.todo if key[0] == AUGMENTED]
+                seconds = {}
                 if plan.todo:
-                    _run_backbone(settings, backbone, listing, plan.todo, partial)
+                    device = resolve_device(settings.device)
+                    forward = prepare(load_backbone(backbone, settings.weights), device, backbone.crop, settings.precision,
+                                      settings.runtime)
+                    for name, keys in (("images", plain), ("views", views)):
+                        started = time.perf_counter()
+                        if keys:
+                            _run_backbone(settings, backbone, listing, keys, partial, forward, device)
+                        seconds[name] = time.perf_counter() - started
                 summary.extracted = len(plan.todo)
                 attrs = {
                     **{k: v for k, v in expected.items() if k != "versions"},
@@ -273,8 +287,10 @@ def extract(settings: Settings) -> ExtractSummary:
                     "fingerprint": json.dumps(expected, sort_keys=True),
                     "data_root": str(listing.root.resolve()),
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "images_extracted": summary.extracted,
-                    "extraction_seconds": time.perf_counter() - start,
+                    "images_extracted": len(plain),
+                    "extraction_seconds": time.perf_counter() - start - seconds.get("views", 0.0),
+                    "views_extracted": len(views),
+                    "augment_seconds": seconds.get("views", 0.0),
                 }
                 _assemble(target, attrs, listing, plan, previous, partial, backbone.feature_dim,
                           STORAGE_DTYPES[settings.storage], summary)

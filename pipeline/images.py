@@ -7,6 +7,7 @@ Every file under ``DATA/<split>/<class>/`` is accounted for: it becomes an ``Ima
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from pipeline.errors import UserError
 
 SPLITS = ("train", "test")
+AUGMENTED = "train_aug"  # the pseudo-split of augmented views of train images: paths "<image path>#aug<k>"
 
 
 @dataclass(frozen=True)
@@ -162,20 +164,39 @@ def load_rgb(path: Path, min_side: int | None = None) -> Image.Image:
         raise BadImage(f"truncated or corrupt image data ({error})") from None
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Decoded, transformed images; a bad file yields its skip reason instead of a tensor."""
+def augmented_views(listing: SplitListing, views: int) -> SplitListing:
+    """``views`` augmented views of every train image, as entries of their own."""
+    return SplitListing([ImageEntry(f"{e.path}#aug{k}", e.label, e.size, e.mtime_ns) for e in listing.entries for k in range(views)], [])
 
-    def __init__(self, root: Path, paths: list[str], transform, min_side: int | None = None):
-        self.root, self.paths, self.transform, self.min_side = Path(root), paths, transform, min_side
+
+def view_seed(path: str) -> int:
+    """Each augmented view's own seed: the same view of the same image is always the same crop."""
+    return zlib.crc32(path.encode("utf-8"))
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decoded, transformed images; a bad file yields its skip reason instead of a tensor.
+
+    A path ``<image>#aug<k>`` is view k of the image through ``augment``, seeded by ``view_seed``."""
+
+    def __init__(self, root: Path, paths: list[str], transform, min_side: int | None = None, augment=None):
+        self.root, self.paths, self.transform, self.min_side, self.augment = Path(root), paths, transform, min_side, augment
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        path = self.paths[index]
+        image_path, _, view = path.partition("#aug")
         try:
-            return index, self.transform(load_rgb(self.root / self.paths[index], self.min_side)), ""
+            image = load_rgb(self.root / image_path, self.min_side)
         except BadImage as bad:
             return index, None, str(bad)
+        if not view:
+            return index, self.transform(image), ""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(view_seed(path))
+            return index, self.augment(image), ""
 
 
 def collate_good(batch: list[tuple[int, torch.Tensor | None, str]]):

@@ -17,8 +17,7 @@ from pipeline.baseline import LogisticBaseline
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.head import HeadClassifier
-from pipeline.images import SPLITS
-from pipeline.train import BASELINE_FILE, HEAD_FILE, TRAINING_FILE, open_features
+from pipeline.train import AUGMENTED_HEAD_FILE, BASELINE_FILE, HEAD_FILE, TRAINING_FILE, open_features
 
 MODELS = ("head", "logreg")
 TITLES = {"head": "Head", "logreg": "Logistic regression"}
@@ -53,7 +52,7 @@ def build_metrics(settings: Settings, data: Path | None = None) -> dict:
     with open_features(settings, data) as store:
         X, y, classes, paths = store.features("test"), store.labels("test"), store.classes, store.paths("test")
         attrs = store.attrs
-        skipped = [{"split": s, "path": r.path, "reason": r.reason} for s in SPLITS for r in store.index(s).skipped]
+        skipped = [{"split": s, "path": r.path, "reason": r.reason} for s in store.splits for r in store.index(s).skipped]
         n_test = len(y)
     created = str(attrs["created"])
     head = _load(folder / HEAD_FILE, HeadClassifier.load, created)
@@ -90,6 +89,11 @@ def build_metrics(settings: Settings, data: Path | None = None) -> dict:
         },
         "skipped": skipped,
     }
+    if (folder / AUGMENTED_HEAD_FILE).is_file():
+        augmented = _load(folder / AUGMENTED_HEAD_FILE, HeadClassifier.load, created)
+        metrics["head_augmented"] = {**evaluate(augmented, X, y, classes), "best_epoch": augmented.best_epoch_,
+                                     **training["augmented"], "views_extracted": int(attrs["views_extracted"]),
+                                     "augment_seconds": float(attrs["augment_seconds"])}
     matrices = {TITLES[m]: metrics[m]["confusion_matrix"] for m in MODELS}
     figures["confusion"] = plots.confusion_matrices(matrices, classes, folder / "confusion.png")
     metrics["figures"] = {name: path.name for name, path in figures.items()}
@@ -116,6 +120,15 @@ def _confusion(name: str, matrix: list[list[int]], classes: list[str]) -> list[s
     return lines + [""]
 
 
+def _augmented_lines(metrics: dict) -> list[str]:
+    if "head_augmented" not in metrics:
+        return []
+    a = metrics["head_augmented"]
+    return [f"Augmentation: head trained with {a['views_per_image']} cached augmented views per train image: test accuracy "
+            f"{a['test_accuracy']:.4f} (without: {metrics['head']['test_accuracy']:.4f}); the extra extraction of "
+            f"{a['views_extracted']} views cost {a['augment_seconds']:.1f} s, training {a['seconds']:.1f} s.", ""]
+
+
 def render_markdown(metrics: dict) -> str:
     t = metrics["timings"]
     rate = t["images_extracted"] / t["features_seconds"] if t["features_seconds"] else 0.0
@@ -133,6 +146,7 @@ def render_markdown(metrics: dict) -> str:
         f"head {t['head_seconds']:.1f} s (best epoch {metrics['head']['best_epoch']}), "
         f"logreg {t['logreg_seconds']:.1f} s (C={metrics['logreg']['C']}).",
         "",
+        *_augmented_lines(metrics),
         f"Skipped images: {len(metrics['skipped'])}",
         *[f"- {s['path']}: {s['reason']}" for s in metrics["skipped"]],
     ]
@@ -188,6 +202,7 @@ logistic regression <b>{metrics['logreg']['test_accuracy']:.2%}</b></p>
 <h2>Most confidently wrong</h2>{figure('top_losses_head', 'top losses of the head')}
 {figure('top_losses_logreg', 'top losses of the baseline')}
 <h2>Map of the cached vectors</h2>{figure('embedding', 'PCA and t-SNE of the test vectors')}
+{"".join(f"<p>{esc(line)}</p>" for line in _augmented_lines(metrics) if line)}
 <h2>Skipped images: {len(metrics['skipped'])}</h2><ul>{skipped}</ul>
 """
     return HTML_PAGE.format(title=esc(f"report: {metrics['backbone']}"), body=body)

