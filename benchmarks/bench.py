@@ -266,6 +266,17 @@ def main() -> None:
             results["memory_mb"][name] = {"images": images, "stage1": stage1, "stage2": stage2}
 
         results["decode"] = decode_ms(work)
+
+        # 6. stage one across processes (torchrun, gloo on CPU): the same images with 1 and 2 processes
+        results["scaling"] = {}
+        for nproc in (1, 2):
+            run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                                  "-m", "pipeline", "features", "--data", str(data), "--cache", str(work / f"nproc{nproc}"),
+                                  "--backbone", args.backbone, "--device", args.device, *(["--weights", str(weights)] if weights else [])],
+                                 cwd=REPO, capture_output=True, text=True, check=True)
+            line = next(l for l in run.stdout.splitlines() if l.startswith("features: "))
+            seconds = float(line.rsplit("| ", 1)[1].split(" s")[0])
+            results["scaling"][str(nproc)] = {"seconds": seconds, "img_s": summary.extracted / seconds}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -309,6 +320,8 @@ def render(r: dict) -> str:
         f"on {s2['logreg_n']} vectors; `train-head` end to end {s2['train_head_wall_s']:.1f} s",
         "peak RSS (main process, 0 workers): " + "; ".join(f"{m['images']} images: stage one {m['stage1']:.0f} MB, stage two {m['stage2']:.0f} MB"
                                  for m in r["memory_mb"].values()),
+        "stage one across processes (torchrun, each process 1 thread for >1 process): "
+        + ", ".join(f"{n} process{'es' if n != '1' else ''} {v['img_s']:.1f} img/s" for n, v in r["scaling"].items()),
         f"decode of a {r['decode']['image']}: full {r['decode']['full_ms']:.1f} ms, draft {r['decode']['draft_ms']:.1f} ms "
         f"({r['decode']['speedup']:.1f}x)",
     ]

@@ -7,6 +7,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from pipeline import distributed
 from pipeline.backbones import BACKBONES
 from pipeline.config import DEFAULTS, SETTING_FIELDS, Settings
 from pipeline.compare import compare
@@ -18,7 +19,7 @@ from pipeline.report import report
 from pipeline.train import train
 
 STAGE_ONE = ["data", "cache", "backbone", "weights", "device", "precision", "runtime", "storage", "batch_size", "workers",
-             "chunk_size", "force", "augment"]
+             "chunk_size", "force", "augment", "merge"]
 STAGE_TWO = ["cache", "backbone", "seed", "epochs", "patience", "hidden", "dropout", "lr", "head_batch_size", "val_fraction"]
 REPORT = ["cache", "backbone"]
 COMPARE = ["backbones", *[n for n in dict.fromkeys(STAGE_ONE + STAGE_TWO) if n not in ("backbone", "weights")]]
@@ -27,7 +28,9 @@ CHECKS_DATA = "check that the cache was made from this dataset (default: whichev
 
 
 def _run_features(settings: Settings, data: Path | None) -> None:
-    print(extract(settings).line())
+    summary = extract(settings)
+    if distributed.current().rank == 0:
+        print(summary.line())
 
 
 def _run_all(settings: Settings, data: Path | None) -> None:

@@ -30,6 +30,7 @@ class Settings:
     workers: int = _setting(-1, "image-decoding worker processes; -1 picks from the CPU count")
     chunk_size: int = _setting(256, "images per committed chunk; an interrupted run resumes from the last one")
     force: bool = _setting(False, "re-extract everything even if the cache is up to date")
+    merge: bool = _setting(False, "under torchrun, copy the parts into one plain features.h5 instead of joining them virtually")
     augment: int = _setting(0, "also cache this many augmented views of every train image (RandomRotation, RandomResizedCrop, flip)")
     # stage two
     seed: int = _setting(0, "seed for the validation split, head initialisation and shuffling")

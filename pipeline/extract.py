@@ -13,6 +13,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +27,7 @@ from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.backbones import Backbone, get_backbone, load_backbone, weights_identity
 from pipeline.config import Settings
 from pipeline.errors import UserError
@@ -231,15 +233,16 @@ def _assemble(target: Path, attrs: dict, listing: DatasetListing, plan: Plan, pr
 def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=folder):
+            pass
     except OSError as error:
         raise UserError(f"cannot write to cache folder {folder} ({error.strerror}); pass CACHE=/a/writable/folder") from None
 
 
 def extract(settings: Settings) -> ExtractSummary:
-    """Bring ``CACHE/<backbone>/features.h5`` up to date with ``DATA``; see the module docstring."""
+    """Bring ``CACHE/<backbone>/features.h5`` up to date with ``DATA``; see the module docstring.
+
+    Under torchrun each rank brings its own part file up to date and rank 0 joins the parts."""
     start = time.perf_counter()
     listing = scan_dataset(settings.data)
     if settings.augment > 0:
@@ -248,12 +251,40 @@ def extract(settings: Settings) -> ExtractSummary:
     expected = fingerprint(backbone, settings)
     folder = settings.backbone_dir()
     _check_writable(folder)
-    target = features_file(folder)
+    rank = distributed.current()
+    device = distributed.local_device(settings.device, rank)
+    if not rank.distributed:
+        summary = _update(settings, listing, backbone, expected, features_file(folder), device, start)
+    else:
+        distributed.start(device)
+        try:
+            part = distributed.part_file(folder, rank)
+            summary = _update(settings, distributed.shard(listing, rank), backbone, expected, part, device, start)
+            summary.seconds = time.perf_counter() - start
+            print(f"rank {rank.rank}/{rank.world}: {summary.line()}")
+            extracted = sum(distributed.gather(summary.extracted))
+            if rank.rank == 0:
+                joined = distributed.join(features_file(folder), rank.world, settings.merge)
+                summary = ExtractSummary(features_file(folder), extracted=extracted, up_to_date=not joined)
+                with FeatureStore(summary.path) as store:
+                    summary.images = {s: len(store.paths(s)) for s in store.splits}
+                    summary.skipped = [(s, r) for s in store.splits for r in store.index(s).skipped]
+            distributed.barrier()
+        finally:
+            distributed.stop()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, expected: dict, target: Path, device: str,
+            start: float) -> ExtractSummary:
+    """Bring one feature file (``features.h5`` or a rank's part) up to date with ``listing``."""
     summary = ExtractSummary(target)
+    lock = target.with_suffix(".lock")
     try:
-        with FileLock(folder / "features.lock", timeout=0):
+        with FileLock(lock, timeout=0):
             previous = _previous(target, expected, settings.force)
-            partial = PartialRun(folder / "features.partial", expected)
+            partial = PartialRun(target.with_suffix(".partial"), expected)
             plan = _plan(listing, previous, partial.done)
             summary.removed = plan.removed
             summary.reused = len(plan.old_rows) + len(plan.old_skips)
@@ -265,45 +296,44 @@ def extract(settings: Settings) -> ExtractSummary:
                 with FeatureStore(target) as store:
                     summary.images = {s: len(store.paths(s)) for s in store.splits}
                     summary.skipped = [(s, r) for s in store.splits for r in store.index(s).skipped]
-            else:
-                plain = [key for key in plan.todo if key[0] != AUGMENTED]
-                views = [key for key in plan.todo if key[0] == AUGMENTED]
-                seconds = {}
-                if plan.todo:
-                    device = resolve_device(settings.device)
-                    forward = prepare(load_backbone(backbone, settings.weights), device, backbone.crop, settings.precision,
-                                      settings.runtime)
-                    for name, keys in (("images", plain), ("views", views)):
-                        started = time.perf_counter()
-                        if keys:
-                            _run_backbone(settings, backbone, listing, keys, partial, forward, device)
-                        seconds[name] = time.perf_counter() - started
-                summary.extracted = len(plan.todo)
-                attrs = {
-                    **{k: v for k, v in expected.items() if k != "versions"},
-                    "feature_dim": backbone.feature_dim,
-                    "classes": listing.classes,
-                    "versions": json.dumps(expected["versions"]),
-                    "fingerprint": json.dumps(expected, sort_keys=True),
-                    "data_root": str(listing.root.resolve()),
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "images_extracted": len(plain),
-                    "extraction_seconds": time.perf_counter() - start - seconds.get("views", 0.0),
-                    "views_extracted": len(views),
-                    "augment_seconds": seconds.get("views", 0.0),
-                }
-                _assemble(target, attrs, listing, plan, previous, partial, backbone.feature_dim,
-                          STORAGE_DTYPES[settings.storage], summary)
-                if previous is not None:
-                    previous.file.close()
-                partial.remove()
+                return summary
+            plain = [key for key in plan.todo if key[0] != AUGMENTED]
+            views = [key for key in plan.todo if key[0] == AUGMENTED]
+            seconds = {}
+            if plan.todo:
+                torch_device = resolve_device(device)
+                forward = prepare(load_backbone(backbone, settings.weights), torch_device, backbone.crop, settings.precision,
+                                  settings.runtime)
+                for name, keys in (("images", plain), ("views", views)):
+                    started = time.perf_counter()
+                    if keys:
+                        _run_backbone(settings, backbone, listing, keys, partial, forward, torch_device)
+                    seconds[name] = time.perf_counter() - started
+            summary.extracted = len(plan.todo)
+            attrs = {
+                **{k: v for k, v in expected.items() if k != "versions"},
+                "feature_dim": backbone.feature_dim,
+                "classes": listing.classes,
+                "versions": json.dumps(expected["versions"]),
+                "fingerprint": json.dumps(expected, sort_keys=True),
+                "data_root": str(listing.root.resolve()),
+                "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+                "images_extracted": len(plain),
+                "extraction_seconds": time.perf_counter() - start - seconds.get("views", 0.0),
+                "views_extracted": len(views),
+                "augment_seconds": seconds.get("views", 0.0),
+            }
+            _assemble(target, attrs, listing, plan, previous, partial, backbone.feature_dim,
+                      STORAGE_DTYPES[settings.storage], summary)
+            if previous is not None:
+                previous.file.close()
+            partial.remove()
     except Timeout:
-        raise UserError(f"another `features` run is writing {folder} (lock {folder / 'features.lock'}); wait for it to finish") from None
+        raise UserError(f"another `features` run is writing {target} (lock {lock}); wait for it to finish") from None
     except OSError as error:
         if error.errno == errno.ENOSPC or "No space left" in str(error):
             raise UserError(
-                f"disk full while writing {folder}; free space and run `make features` again (finished chunks are kept)"
+                f"disk full while writing {target.parent}; free space and run `make features` again (finished chunks are kept)"
             ) from None
         raise
-    summary.seconds = time.perf_counter() - start
     return summary

@@ -76,6 +76,18 @@ class FeatureStore:
             self.file.close()
             raise UserError(f"{self.path} is incomplete; run `make features` to finish it")
         self.attrs = attrs
+        self._check_virtual_sources()
+
+    def _check_virtual_sources(self) -> None:
+        """A joined file reads its vectors from part files; a missing part would read as NaN, so refuse it."""
+        for split in self.file:
+            features = self.file[split].get("features")
+            if features is not None and features.is_virtual:
+                for source in features.virtual_sources():
+                    if not (self.path.parent / source.file_name).is_file():
+                        self.file.close()
+                        raise UserError(f"{self.path} joins part files and {source.file_name} is missing beside it; "
+                                        f"run `make features` again (with NPROC, or --merge to make one plain file)")
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -156,8 +168,24 @@ class StoreWriter:
 
     def add_split(self, name: str, index: SplitIndex, feature_dim: int, dtype=np.float32) -> h5py.Dataset:
         """Create a split's datasets from its index; returns the empty ``features`` dataset to fill."""
-        group = self.file.create_group(name)
+        group = self._add_index(name, index)
         n = len(index.paths)
+        chunks = (max(1, min(n, ROWS_PER_CHUNK)), feature_dim)
+        return group.create_dataset("features", shape=(n, feature_dim), dtype=dtype, chunks=chunks)
+
+    def add_virtual_split(self, name: str, index: SplitIndex, feature_dim: int, dtype, sources: list[tuple[str, int]]) -> None:
+        """A split whose ``features`` are a virtual dataset over other files' (name relative to this file, rows)."""
+        group = self._add_index(name, index)
+        layout = h5py.VirtualLayout(shape=(len(index.paths), feature_dim), dtype=dtype)
+        start = 0
+        for file_name, rows in sources:
+            if rows:
+                layout[start:start + rows] = h5py.VirtualSource(file_name, f"{name}/features", shape=(rows, feature_dim))
+            start += rows
+        group.create_virtual_dataset("features", layout, fillvalue=np.nan)
+
+    def _add_index(self, name: str, index: SplitIndex) -> h5py.Group:
+        group = self.file.create_group(name)
         group.create_dataset("paths", data=np.array(index.paths, dtype=object), dtype=_STR)
         group.create_dataset("labels", data=np.asarray(index.labels, dtype=np.int64))
         group.create_dataset("sizes", data=np.asarray(index.sizes, dtype=np.int64))
@@ -167,8 +195,7 @@ class StoreWriter:
         skipped.create_dataset("reasons", data=np.array([s.reason for s in index.skipped], dtype=object), dtype=_STR)
         skipped.create_dataset("sizes", data=np.array([s.size for s in index.skipped], dtype=np.int64))
         skipped.create_dataset("mtimes", data=np.array([s.mtime_ns for s in index.skipped], dtype=np.int64))
-        chunks = (max(1, min(n, ROWS_PER_CHUNK)), feature_dim)
-        return group.create_dataset("features", shape=(n, feature_dim), dtype=dtype, chunks=chunks)
+        return group
 
     def commit(self) -> None:
         self.file.attrs["complete"] = True
