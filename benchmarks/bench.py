@@ -257,7 +257,7 @@ def main() -> None:
 
         # 5. peak memory at two dataset sizes: stage one streams, stage two holds the vectors
         results["memory_mb"] = {}
-        for name, folder in (("small", small), ("large", data)):
+        for name, folder in (("small", small), ("large", args.data)):
             cache = work / f"rss-{name}"
             common = ["--cache", cache, "--backbone", args.backbone]
             stage1 = peak_rss_mb(["features", "--data", folder, *common, "--workers", "0", *(["--weights", weights] if weights else [])])

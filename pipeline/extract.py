@@ -37,6 +37,7 @@ from pipeline.partial import ChunkRow, Key, PartialRun
 from pipeline.store import FeatureStore, SkipRecord, SplitIndex, StoreWriter, features_file
 
 BLOCK_ROWS = 4096  # rows gathered per write when assembling the final file
+SKIPS_LISTED = 50  # skipped files listed under the summary line; all of them are in the file and the report
 
 
 def library_versions(runtime: str = "torch") -> dict[str, str]:
@@ -88,11 +89,15 @@ class ExtractSummary:
         split_counts = ", ".join(f"{n} {s}" for s, n in self.images.items())
         rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds else ""
         state = "up to date" if self.up_to_date else f"extracted {self.extracted}"
-        return (
+        skipped = [f"  skipped {record.path}: {record.reason}" for _, record in self.skipped[:SKIPS_LISTED]]
+        if len(self.skipped) > SKIPS_LISTED:
+            skipped.append(f"  ... and {len(self.skipped) - SKIPS_LISTED} more, all listed in report.md and {self.path.name}")
+        return "\n".join([
             f"features: {state} | {sum(self.images.values())} vectors ({split_counts}) in {self.path} ({size:.1f} MB) | "
             f"reused {self.reused}, resumed {self.resumed}, removed {self.removed}, skipped {len(self.skipped)} | "
-            f"{self.seconds:.1f} s{rate}"
-        )
+            f"{self.seconds:.1f} s{rate}",
+            *skipped,
+        ])
 
 
 def _previous(target: Path, expected: dict, force: bool) -> FeatureStore | None:

@@ -134,7 +134,9 @@ def test_broken_images_are_skipped_recorded_and_reported_never_fatal(tmp_path, t
     Image.new("RGB", (50, 40), (200, 60, 40)).convert("P").save(cat / "palette.png")
     cache = tmp_path / "cache"
     assert features(tiny_data, cache) == 0
-    assert "skipped 6 " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipped 6 " in out and "  skipped train/cat/empty.jpg: empty file (0 bytes)" in out
+    assert "  skipped train/cat/bomb.png: too large" in out
     with h5py.File(cache / "efficientnet_lite0" / "features.h5") as f:
         reasons = dict(zip([p.decode() for p in f["train/skipped/paths"][()]], [r.decode() for r in f["train/skipped/reasons"][()]]))
         paths = {p.decode() for p in f["train/paths"][()]}
