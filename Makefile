@@ -41,7 +41,7 @@ compare: ## the pipeline for each of BACKBONES="densenet121 resnet50 efficientne
 
 predict: ## classify IMAGES (files or folders) with the trained head; MODEL=logreg TOP_K=3 FORMAT=csv|json
 	$(if $(IMAGES),,$(error pass IMAGES=path/to/images (files or folders)))
-	$(PYTHON) -m pipeline predict $(IMAGES) $(PREDICT_FLAGS)
+	@$(PYTHON) -m pipeline predict $(IMAGES) $(PREDICT_FLAGS)
 
 test: ## run the test suite (unit tests and the integration test on ../shared/data/cats-dogs)
 	$(PYTHON) -m pytest

@@ -20,7 +20,7 @@ def compare(settings: Settings) -> list[dict]:
         one = dataclasses.replace(settings, backbone=name)
         try:
             get_backbone(name)
-            extract(one)
+            print(extract(one).line())
             train(one, settings.data)
             metrics = report(one, settings.data)
         except UserError as error:
@@ -31,7 +31,7 @@ def compare(settings: Settings) -> list[dict]:
         rows.append({
             "backbone": name,
             "feature_dim": metrics["feature_dim"],
-            "extraction_img_s": timings["images_extracted"] / timings["features_seconds"] if timings["features_seconds"] else None,
+            "extraction_img_s": timings["throughput_img_s"] or None,
             "head_test_accuracy": metrics["head"]["test_accuracy"],
             "logreg_test_accuracy": metrics["logreg"]["test_accuracy"],
         })

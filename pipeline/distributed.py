@@ -103,6 +103,7 @@ def join(target: Path, world: int, merge: bool = False) -> bool:
             views_extracted=sum(int(s.attrs["views_extracted"]) for s in stores),
             extraction_seconds=max(float(s.attrs["extraction_seconds"]) for s in stores),
             augment_seconds=max(float(s.attrs["augment_seconds"]) for s in stores),
+            throughput_img_s=sum(float(s.attrs["throughput_img_s"]) for s in stores),
             parts=stamp,
         )
         with StoreWriter(target, attrs) as writer:

@@ -235,6 +235,13 @@ def _assemble(target: Path, attrs: dict, listing: DatasetListing, plan: Plan, pr
         writer.commit()
 
 
+def _throughput(images: int, seconds: float, previous: FeatureStore | None) -> float:
+    """img/s of the backbone pass that made most of these vectors: this run's, or kept from the file it updates."""
+    if images and seconds:
+        return images / seconds
+    return float(previous.attrs.get("throughput_img_s", 0.0)) if previous is not None else 0.0
+
+
 def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -325,6 +332,7 @@ def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, exp
                 "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
                 "images_extracted": len(plain),
                 "extraction_seconds": time.perf_counter() - start - seconds.get("views", 0.0),
+                "throughput_img_s": _throughput(len(plain), seconds.get("images", 0.0), previous),
                 "views_extracted": len(views),
                 "augment_seconds": seconds.get("views", 0.0),
             }

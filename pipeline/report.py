@@ -84,6 +84,7 @@ def build_metrics(settings: Settings, data: Path | None = None) -> dict:
         "timings": {
             "features_seconds": float(attrs["extraction_seconds"]),
             "images_extracted": int(attrs["images_extracted"]),
+            "throughput_img_s": float(attrs["throughput_img_s"]),
             "head_seconds": training["head_seconds"],
             "logreg_seconds": training["logreg_seconds"],
         },

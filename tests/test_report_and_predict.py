@@ -143,3 +143,8 @@ def test_compare_runs_each_backbone_and_reports_unavailable_ones(tmp_path, tiny_
     assert "cannot download densenet121 weights" in rows["densenet121"]["error"]
     table = (tmp_path / "cache/compare.md").read_text()
     assert "| efficientnet_lite1 | 1280 |" in table and "| densenet121 | | | unavailable" in table
+    again = run_cli_process("compare", "--data", tiny_data, "--cache", tmp_path / "cache", "--epochs", "2",
+                            "--backbones", "efficientnet_lite0")
+    assert "features: up to date" in again.stdout
+    cached = json.loads((tmp_path / "cache/compare.json").read_text())[0]
+    assert cached["extraction_img_s"] == rows["efficientnet_lite0"]["extraction_img_s"]  # the rate of the run that made it
