@@ -24,6 +24,8 @@ STAGE_TWO = ["cache", "backbone", "seed", "epochs", "patience", "hidden", "dropo
 REPORT = ["cache", "backbone"]
 COMPARE = ["backbones", *[n for n in dict.fromkeys(STAGE_ONE + STAGE_TWO) if n not in ("backbone", "weights")]]
 PREDICT = ["cache", "backbone", "weights", "device", "precision", "runtime", "batch_size", "workers", "model", "top_k", "format"]
+DESCRIPTION = ("Feature-caching transfer learning: run a frozen ImageNet backbone once over your images (features), "
+               "then train cheap heads on the cached vectors (train-head), compare them (report), use them (predict).")
 CHECKS_DATA = "check that the cache was made from this dataset (default: whichever it was made from)"
 
 
@@ -78,7 +80,7 @@ def _add_setting(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (run, settings, help) in COMMANDS.items():
         sub = commands.add_parser(name, help=help, description=help)
