@@ -20,9 +20,7 @@ import torch.distributed as dist
 
 from pipeline.errors import UserError
 from pipeline.images import DatasetListing, SplitListing
-from pipeline.store import FeatureStore, SplitIndex, StoreWriter
-
-BLOCK_ROWS = 4096
+from pipeline.store import BLOCK_ROWS, FeatureStore, SplitIndex, StoreWriter
 
 
 @dataclass(frozen=True)
@@ -118,14 +116,14 @@ def join(target: Path, world: int, merge: bool = False) -> bool:
                 if merge:
                     rows = writer.add_split(split, index, first.feature_dim, dtype)
                     start = 0
-                    for s in stores:
-                        n = len(s.paths(split))
+                    for s, part_index in zip(stores, indexes):
+                        n = len(part_index.paths)
                         for block in range(0, n, BLOCK_ROWS):
                             chunk = s.features(split, slice(block, block + BLOCK_ROWS))
                             rows[start + block:start + block + len(chunk)] = chunk
                         start += n
                 else:
-                    sources = [(p.name, len(s.paths(split))) for p, s in zip(parts, stores)]
+                    sources = [(p.name, len(i.paths)) for p, i in zip(parts, indexes)]
                     writer.add_virtual_split(split, index, first.feature_dim, dtype, sources)
             writer.commit()
         return True

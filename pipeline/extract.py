@@ -34,9 +34,8 @@ from pipeline.errors import UserError
 from pipeline.images import AUGMENTED, DatasetListing, ImageFiles, augmented_views, collate_good, scan_dataset
 from pipeline.inference import prepare, resolve_device
 from pipeline.partial import ChunkRow, Key, PartialRun
-from pipeline.store import FeatureStore, SkipRecord, SplitIndex, StoreWriter, features_file
+from pipeline.store import BLOCK_ROWS, FeatureStore, SkipRecord, SplitIndex, StoreWriter, features_file
 
-BLOCK_ROWS = 4096  # rows gathered per write when assembling the final file
 SKIPS_LISTED = 50  # skipped files listed under the summary line; all of them are in the file and the report
 
 
@@ -83,6 +82,12 @@ class ExtractSummary:
     skipped: list[tuple[str, SkipRecord]] = field(default_factory=list)
     seconds: float = 0.0
     up_to_date: bool = False
+
+    def describe_file(self) -> None:
+        """Fill in the vector counts and skipped files from the finished file itself."""
+        with FeatureStore(self.path) as store:
+            self.images = {s: len(store.paths(s)) for s in store.splits}
+            self.skipped = [(s, r) for s in store.splits for r in store.index(s).skipped]
 
     def line(self) -> str:
         size = self.path.stat().st_size / 1e6 if self.path.exists() else 0.0
@@ -278,9 +283,7 @@ def extract(settings: Settings) -> ExtractSummary:
             if rank.rank == 0:
                 joined = distributed.join(features_file(folder), rank.world, settings.merge)
                 summary = ExtractSummary(features_file(folder), extracted=extracted, up_to_date=not joined)
-                with FeatureStore(summary.path) as store:
-                    summary.images = {s: len(store.paths(s)) for s in store.splits}
-                    summary.skipped = [(s, r) for s in store.splits for r in store.index(s).skipped]
+                summary.describe_file()
             distributed.barrier()
         finally:
             distributed.stop()
@@ -305,9 +308,7 @@ def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, exp
                 previous.file.close()
                 partial.remove()
                 summary.up_to_date = True
-                with FeatureStore(target) as store:
-                    summary.images = {s: len(store.paths(s)) for s in store.splits}
-                    summary.skipped = [(s, r) for s in store.splits for r in store.index(s).skipped]
+                summary.describe_file()
                 return summary
             plain = [key for key in plan.todo if key[0] != AUGMENTED]
             views = [key for key in plan.todo if key[0] == AUGMENTED]

@@ -59,6 +59,15 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def file_skip_reason(filename: str) -> str | None:
+    """Why a file in an image folder is not read as an image, or None if it is one."""
+    if _is_hidden(filename):
+        return "hidden file"
+    if not filename.lower().endswith(IMG_EXTENSIONS):
+        return f"not an image file extension ({', '.join(IMG_EXTENSIONS)})"
+    return None
+
+
 def _class_folders(split_dir: Path) -> tuple[list[str], list[Skipped]]:
     classes, skipped = [], []
     for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
@@ -82,10 +91,9 @@ def _scan_class(root: Path, split: str, name: str, label: int) -> tuple[list[Ima
         skipped += [Skipped(f"{rel_dir}/{d}/", "hidden folder") for d in sorted(hidden_dirs)]
         for filename in sorted(filenames):
             rel = f"{rel_dir}/{filename}"
-            if _is_hidden(filename):
-                skipped.append(Skipped(rel, "hidden file"))
-            elif not filename.lower().endswith(IMG_EXTENSIONS):
-                skipped.append(Skipped(rel, f"not an image file extension ({', '.join(IMG_EXTENSIONS)})"))
+            reason = file_skip_reason(filename)
+            if reason:
+                skipped.append(Skipped(rel, reason))
             else:
                 stat = os.stat(os.path.join(dirpath, filename))
                 entries.append(ImageEntry(rel, label, stat.st_size, stat.st_mtime_ns))

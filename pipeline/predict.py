@@ -12,13 +12,11 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from pipeline.backbones import get_backbone, load_backbone, weights_identity
-from pipeline.baseline import LogisticBaseline
 from pipeline.config import Settings
 from pipeline.errors import UserError
-from pipeline.head import HeadClassifier
-from pipeline.images import IMG_EXTENSIONS, ImageFiles, collate_good
+from pipeline.images import ImageFiles, collate_good, file_skip_reason
 from pipeline.inference import prepare, resolve_device
-from pipeline.train import BASELINE_FILE, HEAD_FILE
+from pipeline.train import load_trained
 
 MODELS = ("head", "logreg")
 FORMATS = ("text", "csv", "json")
@@ -42,10 +40,10 @@ def image_files(inputs: list[Path]) -> tuple[list[Path], list[Prediction]]:
         else:
             raise UserError(f"'{item}' does not exist; pass image files or folders (IMAGES=...)")
         for path in candidates:
-            if any(part.startswith(".") for part in path.relative_to(item if item.is_dir() else path.parent).parts):
-                skipped.append(Prediction(str(path), skipped="hidden file"))
-            elif path.suffix.lower() not in IMG_EXTENSIONS:
-                skipped.append(Prediction(str(path), skipped="not an image file extension"))
+            folders = path.relative_to(item).parts[:-1] if item.is_dir() else ()
+            reason = "in a hidden folder" if any(f.startswith(".") for f in folders) else file_skip_reason(path.name)
+            if reason:
+                skipped.append(Prediction(str(path), skipped=reason))
             else:
                 files.append(path)
     return files, skipped
@@ -54,12 +52,10 @@ def image_files(inputs: list[Path]) -> tuple[list[Path], list[Prediction]]:
 def _load_model(settings: Settings, model: str):
     if model not in MODELS:
         raise UserError(f"unknown model '{model}'; choose head or logreg")
-    path = settings.backbone_dir() / (HEAD_FILE if model == "head" else BASELINE_FILE)
-    if not path.is_file():
-        raise UserError(f"no trained {model} at {path}; run `make train-head` with the same BACKBONE and CACHE first")
-    classifier, saved = (HeadClassifier if model == "head" else LogisticBaseline).load(path)
+    classifier, saved = load_trained(settings.backbone_dir(), model)
     if saved.get("backbone") != settings.backbone:
-        raise UserError(f"{path} was trained on {saved.get('backbone')} vectors, not {settings.backbone}; pass BACKBONE={saved.get('backbone')}")
+        raise UserError(f"the {model} in {settings.backbone_dir()} was trained on {saved.get('backbone')} vectors, "
+                        f"not {settings.backbone}; pass BACKBONE={saved.get('backbone')}")
     return classifier, saved
 
 

@@ -13,28 +13,24 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from pipeline import plots
-from pipeline.baseline import LogisticBaseline
 from pipeline.config import Settings
 from pipeline.errors import UserError
-from pipeline.head import HeadClassifier
-from pipeline.train import AUGMENTED_HEAD_FILE, BASELINE_FILE, HEAD_FILE, TRAINING_FILE, open_features
+from pipeline.train import AUGMENTED_HEAD_FILE, TRAINING_FILE, load_trained, open_features
 
 MODELS = ("head", "logreg")
 TITLES = {"head": "Head", "logreg": "Logistic regression"}
 
 
-def _load(path: Path, loader, created: str):
-    if not path.is_file():
-        raise UserError(f"no trained model at {path}; run `make train-head` with the same BACKBONE and CACHE first")
-    model, saved = loader(path)
+def _load(folder: Path, model: str, created: str):
+    classifier, saved = load_trained(folder, model)
     if saved.get("features_created") != created:
-        raise UserError(f"{path} was trained on an older features.h5; run `make train-head` again")
-    return model
+        raise UserError(f"the {model} in {folder} was trained on an older features.h5; run `make train-head` again")
+    return classifier
 
 
-def evaluate(model, X: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
+def evaluate(proba: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
     labels = list(range(len(classes)))
-    predicted = model.predict(X)
+    predicted = proba.argmax(1)
     precision, recall, f1, support = precision_recall_fscore_support(y, predicted, labels=labels, zero_division=0)
     return {
         "test_accuracy": float(accuracy_score(y, predicted)),
@@ -55,20 +51,20 @@ def build_metrics(settings: Settings, data: Path | None = None) -> dict:
         skipped = [{"split": s, "path": r.path, "reason": r.reason} for s in store.splits for r in store.index(s).skipped]
         n_test = len(y)
     created = str(attrs["created"])
-    head = _load(folder / HEAD_FILE, HeadClassifier.load, created)
-    baseline = _load(folder / BASELINE_FILE, LogisticBaseline.load, created)
+    head = _load(folder, "head", created)
+    baseline = _load(folder, "logreg", created)
     training = json.loads((folder / TRAINING_FILE).read_text())
     data_root = Path(str(attrs["data_root"]))
     history = [vars(h) for h in head.history_]
-    models = {"head": head, "logreg": baseline}
+    probas = {"head": head.predict_proba(X), "logreg": baseline.predict_proba(X)}
     figures = {
         "learning_curves": plots.learning_curves(history, head.best_epoch_, folder / "learning_curves.png"),
         "embedding": plots.embedding_map(X, y, classes, folder / "embedding.png", seed=training["seed"]),
     }
     wrong = {}
-    for name, model in models.items():
+    for name, proba in probas.items():
         figures[f"top_losses_{name}"], wrong[name] = plots.top_losses(
-            data_root, paths, y, model.predict_proba(X), classes, f"{TITLES[name]}: most confidently wrong test images",
+            data_root, paths, y, proba, classes, f"{TITLES[name]}: most confidently wrong test images",
             folder / f"top_losses_{name}.png")
     metrics = {
         "backbone": settings.backbone,
@@ -78,9 +74,9 @@ def build_metrics(settings: Settings, data: Path | None = None) -> dict:
         "n_train": training["n_train"],
         "n_val": training["n_val"],
         "n_test": n_test,
-        "head": {**evaluate(head, X, y, classes), "best_epoch": head.best_epoch_, "history": history,
+        "head": {**evaluate(probas["head"], y, classes), "best_epoch": head.best_epoch_, "history": history,
                  "most_confidently_wrong": wrong["head"]},
-        "logreg": {**evaluate(baseline, X, y, classes), "C": baseline.C_, "most_confidently_wrong": wrong["logreg"]},
+        "logreg": {**evaluate(probas["logreg"], y, classes), "C": baseline.C_, "most_confidently_wrong": wrong["logreg"]},
         "timings": {
             "features_seconds": float(attrs["extraction_seconds"]),
             "images_extracted": int(attrs["images_extracted"]),
@@ -91,8 +87,8 @@ def build_metrics(settings: Settings, data: Path | None = None) -> dict:
         "skipped": skipped,
     }
     if (folder / AUGMENTED_HEAD_FILE).is_file():
-        augmented = _load(folder / AUGMENTED_HEAD_FILE, HeadClassifier.load, created)
-        metrics["head_augmented"] = {**evaluate(augmented, X, y, classes), "best_epoch": augmented.best_epoch_,
+        augmented = _load(folder, "head_augmented", created)
+        metrics["head_augmented"] = {**evaluate(augmented.predict_proba(X), y, classes), "best_epoch": augmented.best_epoch_,
                                      **training["augmented"], "views_extracted": int(attrs["views_extracted"]),
                                      "augment_seconds": float(attrs["augment_seconds"])}
     matrices = {TITLES[m]: metrics[m]["confusion_matrix"] for m in MODELS}

@@ -23,6 +23,7 @@ from pipeline.errors import UserError
 FORMAT = "pipeline-features"
 FORMAT_VERSION = 1
 ROWS_PER_CHUNK = 1024
+BLOCK_ROWS = 4096  # rows read or written at a time when copying vectors between files
 _STR = h5py.string_dtype("utf-8")
 
 

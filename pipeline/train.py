@@ -23,6 +23,20 @@ BASELINE_FILE = "logreg.json"
 TRAINING_FILE = "training.json"
 
 
+def load_trained(folder: Path, model: str) -> tuple:
+    """A trained classifier saved by ``train``, and its saved metadata: model is head, logreg or head_augmented."""
+    file, kind = {"head": (HEAD_FILE, HeadClassifier), "logreg": (BASELINE_FILE, LogisticBaseline),
+                  "head_augmented": (AUGMENTED_HEAD_FILE, HeadClassifier)}[model]
+    if not (folder / file).is_file():
+        raise UserError(f"no trained {model} at {folder / file}; run `make train-head` with the same BACKBONE and CACHE first")
+    return kind.load(folder / file)
+
+
+def _new_head(settings: Settings) -> HeadClassifier:
+    return HeadClassifier(settings.hidden, settings.dropout, settings.lr, settings.epochs, settings.head_batch_size,
+                          settings.patience, settings.seed, verbose=True)
+
+
 def open_features(settings: Settings, data: Path | None = None) -> FeatureStore:
     """The backbone's feature file, checked to be made by that backbone (and from ``data``, when given)."""
     store = FeatureStore(features_file(settings.backbone_dir()))
@@ -45,8 +59,7 @@ def _train_on_views(settings: Settings, X, y, paths, train_rows, val_rows, views
     keep = np.array([p.partition("#aug")[0] in training_images for p in view_paths])
     start = time.perf_counter()
     print(f"train-head: head on {len(train_rows)} images + {keep.sum()} augmented views")
-    head = HeadClassifier(settings.hidden, settings.dropout, settings.lr, settings.epochs, settings.head_batch_size,
-                          settings.patience, settings.seed, verbose=True)
+    head = _new_head(settings)
     head.fit(np.concatenate([X[train_rows], X_views[keep]]), np.concatenate([y[train_rows], y_views[keep]]),
              X[val_rows], y[val_rows], n_classes=n_classes)
     head.save(path, **source)
@@ -80,8 +93,7 @@ def train(settings: Settings, data: Path | None = None) -> TrainResult:
     except ValueError as error:
         raise UserError(f"cannot carve a stratified validation split ({error}); change --val-fraction") from None
     start = time.perf_counter()
-    head = HeadClassifier(settings.hidden, settings.dropout, settings.lr, settings.epochs, settings.head_batch_size,
-                          settings.patience, settings.seed, verbose=True)
+    head = _new_head(settings)
     head.fit(X[train_rows], y[train_rows], X[val_rows], y[val_rows], n_classes=len(classes))
     head_seconds = time.perf_counter() - start
     start = time.perf_counter()
