@@ -16,17 +16,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest.mock
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pipeline import images as images_module
 from pipeline.backbones import get_backbone, load_backbone
 from pipeline.config import DEFAULTS, Settings
 from pipeline.extract import extract
 from pipeline.head import HeadClassifier, MLPHead
-from pipeline.images import ImageFiles, collate_good, load_rgb, scan_dataset
+from pipeline.images import ImageFiles, collate_good, load_image, load_rgb, scan_dataset
 from pipeline.inference import prepare, resolve_device
 from pipeline.store import FeatureStore, features_file
 
@@ -35,6 +37,7 @@ RUNTIME_VARIANTS = {  # name: (precision, runtime, channels_last and allocator t
     "eager fp32": ("fp32", "torch", False),
     "eager fp32 channels_last": ("fp32", "torch", True),
     "eager bf16 autocast": ("bf16", "torch", True),
+    "torch.compile fp32": ("fp32", "compile", True),
     "openvino fp32": ("fp32", "openvino", True),
     "openvino bf16": ("bf16", "openvino", True),
 }
@@ -74,15 +77,15 @@ def bare_forward(backbone: str, weights: Path | None, variant: str, batch_size: 
     b = get_backbone(backbone)
     model = load_backbone(b, weights)
     if tuned:
-        forward = prepare(model, resolve_device(device), b.crop, precision, runtime)
+        forward = prepare(b, model, resolve_device(device), precision, runtime)
     else:
         dev = resolve_device(device)
-        model = model.to(dev)
+        model = torch.nn.Sequential(b.normalize(), model).to(dev)
 
         def forward(x):
             with torch.inference_mode():
                 return model(x.to(dev)).cpu()
-    batch = torch.randn(batch_size, 3, b.crop, b.crop)
+    batch = torch.randint(0, 256, (batch_size, 3, b.crop, b.crop), dtype=torch.uint8)
     forward(batch)  # warm-up (and OpenVINO's compile)
     batches = max(2, images // batch_size)
     start = time.perf_counter()
@@ -115,10 +118,23 @@ def peak_rss_mb(args: list[str]) -> float:
     return peak / 1024
 
 
+def stage_one(settings: Settings, data: Path, images: int, cache: Path) -> dict:
+    """Stage one over ``data`` against the bare forward of the same backbone, batch size and device, measured
+    just before and just after it (the machine's speed drifts) on ``images`` images."""
+    bare_args = [__file__, "--forward-only", settings.backbone, str(settings.weights or "-"), "eager fp32 channels_last",
+                 str(images), "--batch-size", str(settings.batch_size), "--device", settings.device]
+    before = in_child(bare_args)["img_s"]
+    run = extract(Settings(**{**vars(settings), "data": data, "cache": cache}))
+    after = in_child(bare_args)["img_s"]
+    rate, bare = run.extracted / run.seconds, (before + after) / 2
+    return {"images": run.extracted, "pipeline_img_s": rate, "bare_forward_img_s": bare,
+            "bare_forward_before_after": [before, after], "efficiency": rate / bare}
+
+
 def uncached_training(backbone: str, weights: Path | None, data: Path, settings: Settings, epochs: int) -> float:
     """The seed notebook's way: every epoch pushes every image through the frozen backbone, then the head."""
     b = get_backbone(backbone)
-    forward = prepare(load_backbone(b, weights), resolve_device(settings.device), b.crop)
+    forward = prepare(b, load_backbone(b, weights), resolve_device(settings.device))
     listing = scan_dataset(data)
     entries = listing.splits["train"].entries
     dataset = ImageFiles(data, [e.path for e in entries], b.transform(), min_side=b.resize)
@@ -143,6 +159,22 @@ def head_training_seconds(X: np.ndarray, y: np.ndarray, epochs: int, seed: int =
     start = time.perf_counter()
     HeadClassifier(epochs=epochs, patience=epochs, seed=seed, lr=lr).fit(X[:split], y[:split], X[split:], y[split:])
     return time.perf_counter() - start
+
+
+def decoder_ms(data: Path, backbone: str, images: int = 200) -> dict:
+    """Per image, decode and resize to the backbone's crop: Pillow alone against TorchCodec for plain JPEGs."""
+    transform, resize = get_backbone(backbone).transform(), get_backbone(backbone).resize
+    paths = [data / e.path for e in scan_dataset(data).splits["train"].entries[:images]]
+    timings = {}
+    for name, decoder in (("pillow", lambda: None), ("torchcodec", images_module.jpeg_decoder)):
+        if name == "torchcodec" and decoder() is None:
+            continue
+        with unittest.mock.patch.object(images_module, "jpeg_decoder", decoder):
+            start = time.perf_counter()
+            for path in paths:
+                transform(load_image(path, resize))
+            timings[f"{name}_ms"] = 1000 * (time.perf_counter() - start) / len(paths)
+    return timings
 
 
 def decode_ms(folder: Path, size=(3000, 2000), repeats: int = 5) -> dict:
@@ -190,23 +222,15 @@ def main() -> None:
         settings = Settings(data=data, cache=work / "cache", backbone=args.backbone, weights=weights,
                             batch_size=args.batch_size, device=args.device)
 
-        # 1. stage one against the bare forward (same backbone, batch size, precision and runtime)
+        # 1. stage one against the bare forward, each backbone on the whole dataset
+        results["stage1"] = {"backbone": args.backbone, "batch_size": args.batch_size,
+                             **stage_one(settings, args.data, args.images, work / "whole")}
+        results["stage1_other"] = {
+            other: stage_one(Settings(**{**vars(settings), "backbone": other, "weights": weights_for(other, work)}),
+                             args.data, args.images, work / "whole")
+            for other in args.compare if other != args.backbone
+        }
         summary = extract(settings)
-        pipeline_rate = summary.extracted / summary.seconds
-        bare = in_child([__file__, "--forward-only", args.backbone, str(weights or "-"), "eager fp32 channels_last",
-                            str(args.images), "--batch-size", str(args.batch_size), "--device", args.device])
-        results["stage1"] = {"backbone": args.backbone, "batch_size": args.batch_size, "images": summary.extracted,
-                             "pipeline_img_s": pipeline_rate, "bare_forward_img_s": bare["img_s"],
-                             "efficiency": pipeline_rate / bare["img_s"]}
-        results["stage1_other"] = {}
-        for other in [b for b in args.compare if b != args.backbone]:
-            other_weights = weights_for(other, work)
-            run = extract(Settings(**{**vars(settings), "backbone": other, "weights": other_weights}))
-            bare_other = in_child([__file__, "--forward-only", other, str(other_weights or "-"), "eager fp32 channels_last",
-                                   str(args.images), "--batch-size", str(args.batch_size), "--device", args.device])
-            results["stage1_other"][other] = {"images": run.extracted, "pipeline_img_s": run.extracted / run.seconds,
-                                              "bare_forward_img_s": bare_other["img_s"],
-                                              "efficiency": run.extracted / run.seconds / bare_other["img_s"]}
         results["workers"] = {}
         for workers in (0, 1, 2):
             run = extract(Settings(**{**vars(settings), "cache": work / f"workers{workers}", "workers": workers}))
@@ -266,6 +290,7 @@ def main() -> None:
             results["memory_mb"][name] = {"images": images, "stage1": stage1, "stage2": stage2}
 
         results["decode"] = decode_ms(work)
+        results["decoder"] = decoder_ms(args.data, args.backbone)
 
         # 6. stage one across processes (torchrun, gloo on CPU): the same images with 1 and 2 processes
         results["scaling"] = {}
@@ -296,6 +321,7 @@ def render(r: dict) -> str:
         f"| pipeline (decode, resize, model, HDF5) | {s1['pipeline_img_s']:.1f} |",
         f"| bare forward on ready tensors | {s1['bare_forward_img_s']:.1f} |",
         f"| **efficiency** | **{s1['efficiency']:.2f}** |",
+        *[f"| decode and resize, per image: {name.removesuffix('_ms')} | {ms:.2f} ms |" for name, ms in r["decoder"].items()],
         *[f"| pipeline with {w} decode workers | {v:.1f} |" for w, v in r["workers"].items()],
         *[f"| {b} ({o['images']} images): pipeline {o['pipeline_img_s']:.1f}, bare {o['bare_forward_img_s']:.1f}, "
           f"**efficiency {o['efficiency']:.2f}** | |" for b, o in r["stage1_other"].items()],

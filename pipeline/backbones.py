@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torchvision
 from torch import nn
-from torchvision import transforms as T
+from torchvision.transforms import v2 as T
 from torchvision.models import DenseNet121_Weights, ResNet50_Weights, VGG16_Weights, WeightsEnum
 
 from pipeline.errors import UserError
@@ -72,13 +72,17 @@ class Backbone:
     fix_keys: Callable[[dict], dict] = lambda state: state
 
     def transform(self) -> T.Compose:
-        """The seed notebook's test preprocessing, sized and normalised for these weights."""
-        return T.Compose([T.Resize(self.resize), T.CenterCrop(self.crop), T.ToTensor(), T.Normalize(self.mean, self.std)])
+        """Per decoded uint8 image, on the CPU: the seed notebook's test resize and crop, left as uint8 (a quarter of
+        float's bytes to batch and move); ``normalize`` finishes the preprocessing on the backbone's device."""
+        return T.Compose([T.Resize(self.resize, antialias=True), T.CenterCrop(self.crop)])
 
     def augment_transform(self) -> T.Compose:
-        """The seed notebook's train transforms (random rotation, resized crop, flip), for augmented views."""
-        return T.Compose([T.RandomRotation(30), T.RandomResizedCrop(self.crop), T.RandomHorizontalFlip(), T.ToTensor(),
-                          T.Normalize(self.mean, self.std)])
+        """The seed notebook's train transforms (random rotation, resized crop, flip), for augmented views; uint8 too."""
+        return T.Compose([T.RandomRotation(30), T.RandomResizedCrop(self.crop, antialias=True), T.RandomHorizontalFlip()])
+
+    def normalize(self) -> nn.Sequential:
+        """Per batch, as the model's first layers: uint8 to float in [0, 1], then these weights' mean and std."""
+        return nn.Sequential(T.ToDtype(torch.float32, scale=True), T.Normalize(self.mean, self.std))
 
 
 BACKBONES: dict[str, Backbone] = {

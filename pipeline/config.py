@@ -25,7 +25,8 @@ class Settings:
     device: str = _setting("auto", "auto (MPS, then CUDA, then CPU), cpu, cuda, cuda:N or mps")
     batch_size: int = _setting(32, "images per forward pass in stage one")
     precision: str = _setting("fp32", "backbone arithmetic: fp32, or bf16/fp16 autocast (vectors are stored as float32 either way)")
-    runtime: str = _setting("torch", "torch, or openvino (CPU only; pip install 'pipeline[fast-cpu]')")
+    runtime: str = _setting("torch", "torch (eager), compile (torch.compile: a minute to compile, then faster), "
+                                     "or openvino (CPU only; pip install 'pipeline[fast-cpu]')")
     storage: str = _setting("float32", "dtype of the stored vectors: float32, or float16 for half the disk")
     workers: int = _setting(-1, "image-decoding worker processes; -1 picks from the CPU count")
     chunk_size: int = _setting(256, "images per committed chunk; an interrupted run resumes from the last one")

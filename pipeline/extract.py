@@ -31,7 +31,8 @@ from pipeline import distributed
 from pipeline.backbones import Backbone, get_backbone, load_backbone, weights_identity
 from pipeline.config import Settings
 from pipeline.errors import UserError
-from pipeline.images import AUGMENTED, DatasetListing, ImageFiles, augmented_views, collate_good, scan_dataset
+from pipeline.images import (AUGMENTED, DatasetListing, ImageFiles, augmented_views, collate_good, jpeg_decoder,
+                             scan_dataset)
 from pipeline.inference import prepare, resolve_device
 from pipeline.partial import ChunkRow, Key, PartialRun
 from pipeline.store import BLOCK_ROWS, FeatureStore, SkipRecord, SplitIndex, StoreWriter, features_file
@@ -42,7 +43,9 @@ SKIPS_LISTED = 50  # skipped files listed under the summary line; all of them ar
 def library_versions(runtime: str = "torch") -> dict[str, str]:
     """The libraries whose version can change the numbers of a feature vector."""
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
-    if runtime != "torch":
+    if jpeg_decoder() is not None:
+        versions["torchcodec"] = importlib.metadata.version("torchcodec")
+    if runtime not in ("torch", "compile"):
         versions[runtime] = importlib.metadata.version(runtime) if _installed(runtime) else "missing"
     return versions
 
@@ -61,8 +64,9 @@ def fingerprint(backbone: Backbone, settings: Settings) -> dict:
     return {
         "backbone": backbone.name,
         "weights": weights_identity(backbone, settings.weights),
-        "transform": repr(backbone.transform()),
-        "decode": f"RGB, EXIF-rotated, JPEG draft to >= {backbone.resize}px",
+        "transform": f"{backbone.transform()!r} then {backbone.normalize()!r}",
+        "decode": f"RGB, EXIF-rotated, JPEG draft to >= {backbone.resize}px, plain JPEGs by "
+                  f"{'torchcodec' if jpeg_decoder() is not None else 'Pillow'}",
         "augment": f"{backbone.augment_transform()!r} seeded by crc32 of '<path>#aug<k>'",
         "precision": settings.precision,
         "runtime": settings.runtime,
@@ -165,7 +169,7 @@ def _plan(listing: DatasetListing, previous: FeatureStore | None, partial_done: 
 
 def _auto_workers(settings: Settings, device: torch.device, n_images: int) -> int:
     """Decoding workers: on an accelerator, enough to keep it busy; on a CPU they compete with the model for
-    the same cores (2 cores: 0 workers measured 75 img/s, 1 or 2 workers 58), so only many-core CPUs get some."""
+    the same cores (2 cores: 0 workers measured 51 img/s, 1 worker 37, 2 workers 31), so only many-core CPUs get some."""
     if settings.workers >= 0:
         return settings.workers
     cores = os.cpu_count() or 1
@@ -315,7 +319,7 @@ def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, exp
             seconds = {}
             if plan.todo:
                 torch_device = resolve_device(device)
-                forward = prepare(load_backbone(backbone, settings.weights), torch_device, backbone.crop, settings.precision,
+                forward = prepare(backbone, load_backbone(backbone, settings.weights), torch_device, settings.precision,
                                   settings.runtime)
                 for name, keys in (("images", plain), ("views", views)):
                     started = time.perf_counter()

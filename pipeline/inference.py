@@ -1,4 +1,4 @@
-"""How the frozen backbone runs: device choice, precision, memory format and the optional CPU runtime.
+"""How the frozen backbone runs: device choice, normalisation on the device, precision, memory format, runtime.
 
 Every option here is measured by ``make bench`` against the plain float32 PyTorch forward; the
 tests check that each gives the plain vectors within tolerance.
@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.backbones import Backbone
 from pipeline.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-RUNTIMES = ("torch", "openvino")
+RUNTIMES = ("torch", "compile", "openvino")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,34 +67,46 @@ def _openvino(model: nn.Module, crop: int, precision: str) -> Callable[[torch.Te
         import openvino as ov
     except ImportError:
         raise UserError("RUNTIME=openvino needs the openvino package; pip install 'pipeline[fast-cpu]'") from None
-    example = torch.zeros(1, 3, crop, crop)
+    example = torch.zeros(1, 3, crop, crop, dtype=torch.uint8)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # OpenVINO traces with torch.jit, which warns of its deprecation
+        # OpenVINO traces with torch.jit, which warns of its deprecation and of Normalize's constant mean and std
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         converted = ov.convert_model(model, example_input=example, input=[-1, 3, crop, crop])
     hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[precision]
     compiled = ov.Core().compile_model(converted, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint})
     return lambda images: torch.from_numpy(np.asarray(compiled(images.numpy())[0], dtype=np.float32))
 
 
-def prepare(model: nn.Module, device: torch.device, crop: int, precision: str = "fp32",
+def prepare(backbone: Backbone, model: nn.Module, device: torch.device, precision: str = "fp32",
             runtime: str = "torch") -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function from a batch of images (on CPU) to float32 vectors (on CPU), run the chosen way."""
+    """A function from a batch of uint8 images (on CPU, from ``backbone.transform()``) to float32 vectors
+    (on CPU), run the chosen way; the images are normalised on the device, as the model's first layers."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
     if runtime not in RUNTIMES:
         raise UserError(f"unknown runtime '{runtime}'; choose one of: {', '.join(RUNTIMES)}")
     if device.type == "cpu":
         keep_freed_memory()
+    model = nn.Sequential(backbone.normalize(), model)
     if runtime == "openvino":
         if device.type != "cpu":
             raise UserError("RUNTIME=openvino runs on the CPU; pass DEVICE=cpu or RUNTIME=torch")
-        return _openvino(model, crop, precision)
+        return _openvino(model, backbone.crop, precision)
     model = model.to(device, memory_format=torch.channels_last)
+    if runtime == "compile":
+        model = torch.compile(model, dynamic=False)
     dtype = _autocast_dtype(device, precision)
+    compiled_batch = 0
 
     def run(images: torch.Tensor) -> torch.Tensor:
+        nonlocal compiled_batch
+        count = len(images)
+        if runtime == "compile":  # pad a short last batch to the compiled size rather than compile a second graph
+            compiled_batch = compiled_batch or count
+            images = torch.cat([images, images.new_zeros(max(0, compiled_batch - count), *images.shape[1:])])
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            return model(images).float().cpu()
+            return model(images)[:count].float().cpu()
 
     return run

