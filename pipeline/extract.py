@@ -33,7 +33,7 @@ from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.images import (AUGMENTED, DatasetListing, ImageFiles, augmented_views, collate_good, jpeg_decoder,
                              scan_dataset)
-from pipeline.inference import prepare, resolve_device
+from pipeline.inference import RUNTIMES, prepare, resolve_device
 from pipeline.partial import ChunkRow, Key, PartialRun
 from pipeline.store import BLOCK_ROWS, FeatureStore, SkipRecord, SplitIndex, StoreWriter, features_file
 
@@ -45,8 +45,8 @@ def library_versions(runtime: str = "torch") -> dict[str, str]:
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
     if jpeg_decoder() is not None:
         versions["torchcodec"] = importlib.metadata.version("torchcodec")
-    if runtime not in ("torch", "compile"):
-        versions[runtime] = importlib.metadata.version(runtime) if _installed(runtime) else "missing"
+    if package := RUNTIMES.get(runtime):
+        versions[package] = importlib.metadata.version(package) if _installed(package) else "missing"
     return versions
 
 

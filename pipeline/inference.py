@@ -20,7 +20,7 @@ from pipeline.backbones import Backbone
 from pipeline.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-RUNTIMES = ("torch", "compile", "openvino")
+RUNTIMES = {"torch": None, "compile": None, "openvino": "openvino"}  # each runtime: the package it needs beyond torch
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,7 +104,8 @@ def prepare(backbone: Backbone, model: nn.Module, device: torch.device, precisio
         count = len(images)
         if runtime == "compile":  # pad a short last batch to the compiled size rather than compile a second graph
             compiled_batch = compiled_batch or count
-            images = torch.cat([images, images.new_zeros(max(0, compiled_batch - count), *images.shape[1:])])
+            if count < compiled_batch:
+                images = torch.cat([images, images.new_zeros(compiled_batch - count, *images.shape[1:])])
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             return model(images)[:count].float().cpu()
