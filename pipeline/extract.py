@@ -85,6 +85,7 @@ class ExtractSummary:
     removed: int = 0
     skipped: list[tuple[str, SkipRecord]] = field(default_factory=list)
     seconds: float = 0.0
+    backbone_seconds: float = 0.0  # inside the forward (device copies included); the rest is decoding and writing
     up_to_date: bool = False
 
     def describe_file(self) -> None:
@@ -97,6 +98,8 @@ class ExtractSummary:
         size = self.path.stat().st_size / 1e6 if self.path.exists() else 0.0
         split_counts = ", ".join(f"{n} {s}" for s, n in self.images.items())
         rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds else ""
+        if rate and self.backbone_seconds:
+            rate += f", backbone busy {self.backbone_seconds / self.seconds:.0%} of it"
         state = "up to date" if self.up_to_date else f"extracted {self.extracted}"
         skipped = [f"  skipped {record.path}: {record.reason}" for _, record in self.skipped[:SKIPS_LISTED]]
         if len(self.skipped) > SKIPS_LISTED:
@@ -179,7 +182,8 @@ def _auto_workers(settings: Settings, device: torch.device, n_images: int) -> in
 
 
 def _run_backbone(settings: Settings, backbone: Backbone, listing: DatasetListing, todo: list[Key], partial: PartialRun,
-                  forward, device: torch.device) -> None:
+                  forward, device: torch.device) -> float:
+    """Extract ``todo`` into ``partial``, chunk by chunk; return the seconds spent in ``forward``."""
     dataset = ImageFiles(listing.root, [key[1] for key in todo], backbone.transform(), min_side=backbone.resize,
                          augment=backbone.augment_transform())
     workers = _auto_workers(settings, device, len(todo))
@@ -189,6 +193,7 @@ def _run_backbone(settings: Settings, backbone: Backbone, listing: DatasetListin
     rows: list[np.ndarray] = []
     reasons: list[str] = []
     zeros = np.zeros(backbone.feature_dim, dtype=np.float32)
+    busy = 0.0
 
     def commit() -> None:
         partial.save_chunk(keys[:], np.stack(rows), reasons[:])
@@ -196,7 +201,9 @@ def _run_backbone(settings: Settings, backbone: Backbone, listing: DatasetListin
 
     with tqdm(total=len(todo), unit="img", desc=f"features {backbone.name} on {device}", disable=None) as bar:
         for indices, images, bad in loader:
+            started = time.perf_counter()
             vectors = forward(images).numpy() if images is not None else []
+            busy += time.perf_counter() - started
             results = {i: (v, "") for i, v in zip(indices, vectors)} | {i: (zeros, reason) for i, reason in bad}
             for i in sorted(results):
                 keys.append(todo[i])
@@ -207,6 +214,7 @@ def _run_backbone(settings: Settings, backbone: Backbone, listing: DatasetListin
             bar.update(len(results))
     if keys:
         commit()
+    return busy
 
 
 def _assemble(target: Path, attrs: dict, listing: DatasetListing, plan: Plan, previous: FeatureStore | None,
@@ -324,7 +332,8 @@ def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, exp
                 for name, keys in (("images", plain), ("views", views)):
                     started = time.perf_counter()
                     if keys:
-                        _run_backbone(settings, backbone, listing, keys, partial, forward, torch_device)
+                        summary.backbone_seconds += _run_backbone(settings, backbone, listing, keys, partial, forward,
+                                                                  torch_device)
                     seconds[name] = time.perf_counter() - started
             summary.extracted = len(plan.todo)
             attrs = {

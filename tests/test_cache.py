@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +44,16 @@ def test_unchanged_dataset_is_a_no_op(tmp_path, tiny_data, capsys):
     assert "features: up to date" in capsys.readouterr().out
     after = file.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_the_summary_says_how_much_of_the_time_the_backbone_was_busy(tmp_path, tiny_data, capsys):
+    """The share of stage one spent in the forward: a low one means decoding is the bottleneck."""
+    cache = tmp_path / "cache"
+    assert features(tiny_data, cache) == 0
+    busy = re.search(r"backbone busy (\d+)% of it", capsys.readouterr().out)
+    assert busy and 0 < int(busy.group(1)) < 100
+    assert features(tiny_data, cache) == 0
+    assert "busy" not in capsys.readouterr().out  # nothing ran
 
 
 def test_added_removed_and_changed_images_are_the_only_work(tmp_path, tiny_data, capsys):
