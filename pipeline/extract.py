@@ -171,8 +171,8 @@ def _plan(listing: DatasetListing, previous: FeatureStore | None, partial_done: 
 
 
 def _auto_workers(settings: Settings, device: torch.device, n_images: int) -> int:
-    """Decoding workers: on an accelerator, enough to keep it busy; on a CPU they compete with the model for
-    the same cores (2 cores: 0 workers measured 51 img/s, 1 worker 37, 2 workers 31), so only many-core CPUs get some."""
+    """Decoding workers: on an accelerator, enough to keep it busy; on a CPU they compete with the model for the
+    same cores (2 cores, `make bench`: 0 workers 61 img/s, 1 worker 38, 2 workers 38), so only many-core CPUs get some."""
     if settings.workers >= 0:
         return settings.workers
     cores = os.cpu_count() or 1
