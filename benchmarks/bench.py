@@ -25,7 +25,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from pipeline.backbones import get_backbone, load_backbone
 from pipeline.config import DEFAULTS, Settings
-from pipeline.extract import extract
+from pipeline.extract import decode_workers, extract
 from pipeline.head import HeadClassifier, MLPHead
 from pipeline.images import (ImageFiles, collate_good, jpeg_decoder, load_image, load_rgb,
                              scan_dataset)
@@ -134,15 +134,18 @@ def stage_one(settings: Settings, data: Path, images: int, cache: Path) -> dict:
 
 
 def uncached_training(backbone: str, weights: Path | None, data: Path, settings: Settings, epochs: int) -> float:
-    """The seed notebook's way: every epoch pushes every image through the frozen backbone, then the head."""
+    """The seed notebook's way: every epoch pushes every image through the frozen backbone, then the head; its
+    loader gets stage one's choice of decode workers (on 2 cores none: workers there slow both ways down)."""
     b = get_backbone(backbone)
-    forward = prepare(b, load_backbone(b, weights), resolve_device(settings.device))
+    device = resolve_device(settings.device)
+    forward = prepare(b, load_backbone(b, weights), device)
     listing = scan_dataset(data)
     entries = listing.splits["train"].entries
     dataset = ImageFiles(data, [e.path for e in entries], b.transform(), min_side=b.resize)
     labels = torch.tensor([e.label for e in entries])
+    workers = decode_workers(settings, device, len(entries))
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, collate_fn=collate_good,
-                                         num_workers=min(4, os.cpu_count() or 1), persistent_workers=True)
+                                         num_workers=workers, persistent_workers=workers > 0)
     head = MLPHead(b.feature_dim, len(listing.classes))
     optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr)
     start = time.perf_counter()

@@ -170,7 +170,7 @@ def _plan(listing: DatasetListing, previous: FeatureStore | None, partial_done: 
     return plan
 
 
-def _auto_workers(settings: Settings, device: torch.device, n_images: int) -> int:
+def decode_workers(settings: Settings, device: torch.device, n_images: int) -> int:
     """Decoding workers: on an accelerator, enough to keep it busy; on a CPU they compete with the model for the
     same cores (2 cores, `make bench`: 0 workers 61 img/s, 1 worker 38, 2 workers 38), so only many-core CPUs get some."""
     if settings.workers >= 0:
@@ -186,7 +186,7 @@ def _run_backbone(settings: Settings, backbone: Backbone, listing: DatasetListin
     """Extract ``todo`` into ``partial``, chunk by chunk; return the seconds spent in ``forward``."""
     dataset = ImageFiles(listing.root, [key[1] for key in todo], backbone.transform(), min_side=backbone.resize,
                          augment=backbone.augment_transform())
-    workers = _auto_workers(settings, device, len(todo))
+    workers = decode_workers(settings, device, len(todo))
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=workers, collate_fn=collate_good,
                         pin_memory=device.type == "cuda")
     keys: list[Key] = []
