@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -29,7 +30,7 @@ from pipeline.extract import decode_workers, extract
 from pipeline.head import HeadClassifier, MLPHead
 from pipeline.images import (ImageFiles, collate_good, jpeg_decoder, load_image, load_rgb,
                              scan_dataset)
-from pipeline.inference import prepare, resolve_device
+from pipeline.inference import RUNTIMES, prepare, resolve_device
 from pipeline.store import FeatureStore, features_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,12 +259,15 @@ def main() -> None:
             "speedup_by_epochs": {str(e): e * per_epoch_uncached / (summary.seconds + e * per_epoch_head) for e in (1, 5, 20, 50)},
         }
 
-        # 3. CPU runtimes side by side, each in a fresh process
+        # 3. CPU runtimes side by side, each in a fresh process; a runtime whose package is missing is listed as such
         results["runtimes"] = {}
+        installed = [v for v, (_, runtime, _) in RUNTIME_VARIANTS.items()
+                     if RUNTIMES[runtime] is None or importlib.util.find_spec(RUNTIMES[runtime]) is not None]
+        results["runtimes_not_installed"] = [v for v in RUNTIME_VARIANTS if v not in installed]
         for backbone in args.compare:
             b_weights = weights_for(backbone, work)
             rates = {}
-            for variant in RUNTIME_VARIANTS:
+            for variant in installed:
                 out = in_child([__file__, "--forward-only", backbone, str(b_weights or "-"), variant, "96",
                                    "--batch-size", str(args.batch_size), "--device", "cpu"])
                 rates[variant] = out["img_s"]
@@ -348,6 +352,8 @@ def render(r: dict) -> str:
     for v in variants:
         cells = [f"{r['runtimes'][b][v]['img_s']:.1f} img/s ({r['runtimes'][b][v]['vs_channels_last']:.2f}x)" for b in r["runtimes"]]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    if r["runtimes_not_installed"]:
+        lines.append(f"not measured, package not installed: {', '.join(r['runtimes_not_installed'])}")
     lines += [
         "",
         f"stage two: head {s2['head_epoch_s_per_10k']:.2f} s per epoch per 10k vectors; logistic fit {s2['logreg_fit_s']:.2f} s "
