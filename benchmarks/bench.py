@@ -302,9 +302,10 @@ def main() -> None:
         results["decode"] = decode_ms(work)
         results["decoder"] = decoder_ms(args.data, args.backbone)
 
-        # 6. stage one across processes (torchrun, gloo on CPU): the same images with 1 and 2 processes
+        # 6. stage one across processes (torchrun, gloo on CPU): the same images with 1 and 2 processes (one per GPU)
         results["scaling"] = {}
-        for nproc in (1, 2):
+        one_gpu = resolve_device(args.device).type == "cuda" and torch.cuda.device_count() < 2
+        for nproc in (1,) if one_gpu else (1, 2):
             run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                                   "-m", "pipeline", "features", "--data", str(data), "--cache", str(work / f"nproc{nproc}"),
                                   "--backbone", args.backbone, "--device", args.device, *(["--weights", str(weights)] if weights else [])],
