@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -30,7 +29,7 @@ from pipeline.extract import decode_workers, extract
 from pipeline.head import HeadClassifier, MLPHead
 from pipeline.images import (ImageFiles, collate_good, jpeg_decoder, load_image, load_rgb,
                              scan_dataset)
-from pipeline.inference import RUNTIMES, prepare, resolve_device
+from pipeline.inference import prepare, resolve_device, runtime_installed
 from pipeline.store import FeatureStore, features_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,8 +260,7 @@ def main() -> None:
 
         # 3. CPU runtimes side by side, each in a fresh process; a runtime whose package is missing is listed as such
         results["runtimes"] = {}
-        installed = [v for v, (_, runtime, _) in RUNTIME_VARIANTS.items()
-                     if RUNTIMES[runtime] is None or importlib.util.find_spec(RUNTIMES[runtime]) is not None]
+        installed = [v for v, (_, runtime, _) in RUNTIME_VARIANTS.items() if runtime_installed(runtime)]
         results["runtimes_not_installed"] = [v for v in RUNTIME_VARIANTS if v not in installed]
         for backbone in args.compare:
             b_weights = weights_for(backbone, work)

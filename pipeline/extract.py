@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import importlib.metadata
-import importlib.util
 import json
 import os
 import tempfile
@@ -33,7 +32,7 @@ from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.images import (AUGMENTED, DatasetListing, ImageFiles, augmented_views, collate_good, jpeg_decoder,
                              scan_dataset)
-from pipeline.inference import RUNTIMES, prepare, resolve_device
+from pipeline.inference import RUNTIMES, prepare, resolve_device, runtime_installed
 from pipeline.partial import ChunkRow, Key, PartialRun
 from pipeline.store import BLOCK_ROWS, FeatureStore, SkipRecord, SplitIndex, StoreWriter, features_file
 
@@ -46,12 +45,8 @@ def library_versions(runtime: str = "torch") -> dict[str, str]:
     if jpeg_decoder() is not None:
         versions["torchcodec"] = importlib.metadata.version("torchcodec")
     if package := RUNTIMES.get(runtime):
-        versions[package] = importlib.metadata.version(package) if _installed(package) else "missing"
+        versions[package] = importlib.metadata.version(package) if runtime_installed(runtime) else "missing"
     return versions
-
-
-def _installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
 
 
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}

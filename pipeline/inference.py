@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import sys
 import warnings
 from typing import Callable
@@ -21,6 +22,12 @@ from pipeline.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 RUNTIMES = {"torch": None, "compile": None, "openvino": "openvino"}  # each runtime: the package it needs beyond torch
+
+
+def runtime_installed(runtime: str) -> bool:
+    """Whether the package ``runtime`` needs beyond torch is importable here."""
+    package = RUNTIMES[runtime]
+    return package is None or importlib.util.find_spec(package) is not None
 
 
 def resolve_device(name: str) -> torch.device:
