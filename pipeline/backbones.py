@@ -119,10 +119,7 @@ def weights_identity(backbone: Backbone, weights_file: Path | None) -> str:
     """What names the weights without loading them: the torchvision enum, or a file's sha256."""
     if weights_file is None and backbone.weights is not None:
         return f"{type(backbone.weights).__name__}.{backbone.weights.name}"
-    path = weights_file if weights_file is not None else backbone.packaged_weights()
-    if not Path(path).is_file():
-        raise UserError(f"weights file '{path}' not found; pass WEIGHTS=/path/to/{backbone.name}_state_dict.pth")
-    return f"sha256:{file_sha256(path)}"
+    return f"sha256:{file_sha256(weights_file if weights_file is not None else backbone.packaged_weights())}"
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -150,6 +147,29 @@ def _download_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def _check_fits(backbone: Backbone, state: dict[str, torch.Tensor], model: nn.Module, source: object) -> None:
+    """Refuse weights whose keys or shapes are not this architecture's, naming how many differ."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]  # BatchNorm fills those
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise UserError(f"weights '{source}' do not fit {backbone.name}: {len(missing)} missing and {len(unexpected)} "
+                        f"unexpected keys (e.g. '{example}'); pass a {backbone.name} state dict")
+    wrong = [k for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise UserError(f"weights '{source}' do not fit {backbone.name}: {len(wrong)} tensors of the wrong shape "
+                        f"(e.g. '{wrong[0]}'); pass a {backbone.name} state dict")
+
+
+def check_weights(backbone: Backbone, weights_file: Path) -> None:
+    """Refuse, before any work, a weights file that cannot be read or does not fit (checked against the architecture
+    built on the meta device: no memory, no compute)."""
+    with torch.device("meta"):
+        model = backbone.build()
+    _check_fits(backbone, backbone.fix_keys(_read_state_dict(weights_file)), model, weights_file)
+
+
 def load_backbone(backbone: Backbone, weights_file: Path | None) -> nn.Module:
     """The frozen feature extractor (on CPU): pretrained weights loaded, classifier replaced by Identity, eval mode."""
     model = backbone.build()
@@ -159,17 +179,8 @@ def load_backbone(backbone: Backbone, weights_file: Path | None) -> nn.Module:
         state = _download_state_dict(backbone)
     else:
         state = _read_state_dict(backbone.packaged_weights())
-    source = weights_file or backbone.weights or backbone.packaged_weights()
-    try:
-        result = model.load_state_dict(backbone.fix_keys(state), strict=False)
-    except RuntimeError as error:
-        shapes = str(error).count("size mismatch")
-        raise UserError(f"weights '{source}' do not fit {backbone.name}: {shapes} tensors of the wrong shape; pass a {backbone.name} state dict") from None
-    if result.missing_keys or result.unexpected_keys:
-        example = (result.missing_keys or result.unexpected_keys)[0]
-        raise UserError(
-            f"weights '{source}' do not fit {backbone.name}: {len(result.missing_keys)} missing and "
-            f"{len(result.unexpected_keys)} unexpected keys (e.g. '{example}'); pass a {backbone.name} state dict"
-        )
+    state = backbone.fix_keys(state)
+    _check_fits(backbone, state, model, weights_file or backbone.weights or backbone.packaged_weights())
+    model.load_state_dict(state)
     model.set_submodule(backbone.classifier, nn.Identity())
     return model.eval().requires_grad_(False)

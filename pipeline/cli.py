@@ -19,7 +19,7 @@ from pipeline.report import report
 from pipeline.train import train
 
 STAGE_ONE = ["data", "cache", "backbone", "weights", "device", "precision", "runtime", "storage", "batch_size", "workers",
-             "chunk_size", "force", "augment", "merge"]
+             "chunk_size", "force", "verify", "augment", "merge"]
 STAGE_TWO = ["cache", "backbone", "seed", "epochs", "patience", "hidden", "dropout", "lr", "head_batch_size", "val_fraction"]
 REPORT = ["cache", "backbone"]
 COMPARE = ["backbones", *[n for n in dict.fromkeys(STAGE_ONE + STAGE_TWO) if n not in ("backbone", "weights")]]
@@ -75,12 +75,19 @@ def _add_setting(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument(flag, action="store_true", help=spec.metadata["help"])
         return
     kind = {int: int, float: float, str: str}.get(type(default), Path)
-    parser.add_argument(flag, type=kind, default=default, metavar=name.upper(),
+    parser.add_argument(flag, type=kind, default=default, metavar=name.upper(), choices=spec.metadata["choices"],
                         help=f"{spec.metadata['help']} (default: {default})")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr (problem and where to look) and exit code 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=DESCRIPTION)
+    parser = OneLineParser(prog="python -m pipeline", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (run, settings, help) in COMMANDS.items():
         sub = commands.add_parser(name, help=help, description=help)
@@ -95,26 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _validate(settings: Settings) -> None:
-    for name in ("batch_size", "chunk_size", "epochs", "patience", "hidden", "head_batch_size", "top_k"):
-        if getattr(settings, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 < settings.val_fraction < 1:
-        raise UserError("--val-fraction must be between 0 and 1")
-    if not 0 <= settings.dropout < 1:
-        raise UserError("--dropout must be in [0, 1)")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k in SETTING_FIELDS and v is not None}
     data_check = given.pop("data", None) if args.command in ("train-head", "report") else None
-    settings = Settings(**given)
     try:
-        _validate(settings)
+        settings = Settings(**given)
         args.run(settings, data_check, *([args.images] if args.command == "predict" else []))
     except UserError as error:
-        if settings.debug:
+        if args.debug:
             traceback.print_exc()
         print(f"error: {error}", file=sys.stderr)
         return 2

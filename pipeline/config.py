@@ -1,17 +1,56 @@
-"""Every setting of the pipeline, each with its one default.
+"""Every setting of the pipeline, each with its one default and the values it may take.
 
-The CLI builds its flags from these fields (``--batch-size`` for ``batch_size``), and the
-Makefile passes a flag only when its variable is set, so a default lives here and nowhere else.
+The CLI builds its flags from these fields (``--batch-size`` for ``batch_size``, ``choices=`` from the
+metadata), and the Makefile passes a flag only when its variable is set, so a default lives here and
+nowhere else. A ``Settings`` is checked when it is made: an invalid one never exists, so nothing on disk
+is touched on behalf of a bad setting.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from pipeline.errors import UserError
 
-def _setting(default, help: str, **kwargs):
-    return field(default=default, metadata={"help": help, **kwargs})
+PRECISIONS = ("fp32", "bf16", "fp16")
+RUNTIMES = ("torch", "compile", "openvino")
+STORAGES = ("float32", "float16")
+MODELS = ("head", "logreg")
+FORMATS = ("text", "csv", "json")
+SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's random_state range
+
+
+def _setting(default, help: str, choices: tuple | None = None, low: float | None = None, high: float | None = None,
+             low_open: bool = False, high_open: bool = False):
+    """A field with its help text; ``choices``, or bounds ``[low, high]`` (``*_open``: the bound itself excluded)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "low": low, "high": high,
+                                            "low_open": low_open, "high_open": high_open})
+
+
+def _bounds_text(meta: dict) -> str:
+    low, high = meta["low"], meta["high"]
+    parts = []
+    if low is not None:
+        parts.append(f"{'above' if meta['low_open'] else 'at least'} {low}")
+    if high is not None:
+        parts.append(f"{'below' if meta['high_open'] else 'at most'} {high}")
+    return " and ".join(parts)
+
+
+def check_value(name: str, value) -> None:
+    """Raise ``UserError`` naming the flag and what it accepts when ``value`` is not allowed for setting ``name``."""
+    meta = SETTING_FIELDS[name].metadata
+    flag = "--" + name.replace("_", "-")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise UserError(f"{flag} '{value}' is not one of: {', '.join(meta['choices'])}")
+    low, high = meta["low"], meta["high"]
+    if low is None and high is None:
+        return
+    if not math.isfinite(value) or (low is not None and (value <= low if meta["low_open"] else value < low)) or \
+            (high is not None and (value >= high if meta["high_open"] else value > high)):
+        raise UserError(f"{flag} must be a number {_bounds_text(meta)} (got {value})")
 
 
 @dataclass(frozen=True)
@@ -23,38 +62,53 @@ class Settings:
     weights: Path | None = _setting(None, "local state-dict file to load instead of the backbone's default weights")
     # stage one
     device: str = _setting("auto", "auto (MPS, then CUDA, then CPU), cpu, cuda, cuda:N or mps")
-    batch_size: int = _setting(32, "images per forward pass in stage one")
-    precision: str = _setting("fp32", "backbone arithmetic: fp32, or bf16/fp16 autocast (vectors are stored as float32 either way)")
+    batch_size: int = _setting(32, "images per forward pass in stage one", low=1)
+    precision: str = _setting("fp32", "backbone arithmetic: fp32, or bf16/fp16 autocast (vectors are stored as float32 either way)",
+                              choices=PRECISIONS)
     runtime: str = _setting("torch", "torch (eager), compile (torch.compile: a minute to compile, then faster), "
-                                     "or openvino (CPU only; pip install 'pipeline[fast-cpu]')")
-    storage: str = _setting("float32", "dtype of the stored vectors: float32, or float16 for half the disk")
-    workers: int = _setting(-1, "image-decoding worker processes; -1 picks from the CPU count")
-    chunk_size: int = _setting(256, "images per committed chunk; an interrupted run resumes from the last one")
+                                     "or openvino (CPU only; pip install 'pipeline[fast-cpu]')", choices=RUNTIMES)
+    storage: str = _setting("float32", "dtype of the stored vectors: float32, or float16 for half the disk", choices=STORAGES)
+    workers: int = _setting(-1, "image-decoding worker processes; -1 picks from the CPU count", low=-1)
+    chunk_size: int = _setting(256, "images per committed chunk; an interrupted run resumes from the last one", low=1)
     force: bool = _setting(False, "re-extract everything even if the cache is up to date")
+    verify: bool = _setting(False, "also re-read every image and every stored vector: catches images edited in place "
+                                   "(same size and mtime) and damaged vectors, and redoes just those")
     merge: bool = _setting(False, "under torchrun, copy the parts into one plain features.h5 instead of joining them virtually")
-    augment: int = _setting(0, "also cache this many augmented views of every train image (RandomRotation, RandomResizedCrop, flip)")
+    augment: int = _setting(0, "also cache this many augmented views of every train image (RandomRotation, RandomResizedCrop, flip)",
+                            low=0)
     # stage two
-    seed: int = _setting(0, "seed for the validation split, head initialisation and shuffling")
-    epochs: int = _setting(20, "maximum training epochs of the head")
-    patience: int = _setting(5, "stop after this many epochs without a lower validation loss")
-    hidden: int = _setting(256, "hidden units of the head")
-    dropout: float = _setting(0.2, "dropout probability of the head")
-    lr: float = _setting(0.003, "Adam learning rate of the head")
-    head_batch_size: int = _setting(64, "vectors per optimisation step of the head")
-    val_fraction: float = _setting(0.1, "fraction of train held out (stratified) for choosing the epoch and C")
+    seed: int = _setting(0, "seed for the validation split, head initialisation and shuffling", low=0, high=SEED_MAX)
+    epochs: int = _setting(20, "maximum training epochs of the head", low=1)
+    patience: int = _setting(5, "stop after this many epochs without a lower validation loss", low=1)
+    hidden: int = _setting(256, "hidden units of the head", low=1)
+    dropout: float = _setting(0.2, "dropout probability of the head", low=0, high=1, high_open=True)
+    lr: float = _setting(0.003, "Adam learning rate of the head", low=0, low_open=True)
+    head_batch_size: int = _setting(64, "vectors per optimisation step of the head", low=1)
+    val_fraction: float = _setting(0.1, "fraction of train held out (stratified) for choosing the epoch and C",
+                                   low=0, high=1, low_open=True, high_open=True)
     # compare
     backbones: str = _setting("densenet121 resnet50 efficientnet_lite0", "space-separated backbones for `compare`")
     # predict
-    model: str = _setting("head", "which trained classifier predicts: head or logreg")
-    top_k: int = _setting(1, "classes to show per image, most probable first")
-    format: str = _setting("text", "output of predict: text, csv or json")
+    model: str = _setting("head", "which trained classifier predicts: head or logreg", choices=MODELS)
+    top_k: int = _setting(1, "classes to show per image, most probable first", low=1)
+    format: str = _setting("text", "output of predict: text, csv or json", choices=FORMATS)
     # diagnostics
     debug: bool = _setting(False, "show full tracebacks instead of one-line errors")
+
+    def __post_init__(self) -> None:
+        for name in SETTING_FIELDS:
+            check_value(name, getattr(self, name))
+        if not self.backbones.split():
+            raise UserError("--backbones is empty; pass BACKBONES=\"densenet121 efficientnet_lite0\" (space-separated)")
+        if self.weights is not None and not Path(self.weights).is_file():
+            what = "is a folder" if Path(self.weights).is_dir() else "not found" if not Path(self.weights).exists() \
+                else "is not a regular file"
+            raise UserError(f"weights file '{self.weights}' {what}; pass WEIGHTS=/path/to/state_dict.pth")
 
     def backbone_dir(self) -> Path:
         """Folder holding everything made for this backbone: ``CACHE/<backbone>``."""
         return self.cache / self.backbone
 
 
-DEFAULTS = Settings()
 SETTING_FIELDS = {f.name: f for f in fields(Settings)}
+DEFAULTS = Settings()

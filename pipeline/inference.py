@@ -18,16 +18,25 @@ import torch
 from torch import nn
 
 from pipeline.backbones import Backbone
+from pipeline.config import check_value
 from pipeline.errors import UserError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-RUNTIMES = {"torch": None, "compile": None, "openvino": "openvino"}  # each runtime: the package it needs beyond torch
+RUNTIME_PACKAGES = {"openvino": "openvino"}  # the package a runtime needs beyond torch
 
 
 def runtime_installed(runtime: str) -> bool:
     """Whether the package ``runtime`` needs beyond torch is importable here."""
-    package = RUNTIMES[runtime]
+    package = RUNTIME_PACKAGES.get(runtime)
     return package is None or importlib.util.find_spec(package) is not None
+
+
+def check_runtime(runtime: str, device: torch.device) -> None:
+    """Refuse, before any work, a runtime that cannot run here: its package missing, or not on this device."""
+    if not runtime_installed(runtime):
+        raise UserError(f"RUNTIME={runtime} needs the {RUNTIME_PACKAGES[runtime]} package; pip install 'pipeline[fast-cpu]' "
+                        f"or pass RUNTIME=torch")
+    if runtime == "openvino" and device.type != "cpu":
+        raise UserError(f"RUNTIME=openvino runs on the CPU, not {device}; pass DEVICE=cpu or RUNTIME=torch")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,16 +98,13 @@ def prepare(backbone: Backbone, model: nn.Module, device: torch.device, precisio
             runtime: str = "torch") -> Callable[[torch.Tensor], torch.Tensor]:
     """A function from a batch of uint8 images (on CPU, from ``backbone.transform()``) to float32 vectors
     (on CPU), run the chosen way; the images are normalised on the device, as the model's first layers."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
-    if runtime not in RUNTIMES:
-        raise UserError(f"unknown runtime '{runtime}'; choose one of: {', '.join(RUNTIMES)}")
+    check_value("precision", precision)
+    check_value("runtime", runtime)
+    check_runtime(runtime, device)
     if device.type == "cpu":
         keep_freed_memory()
     model = nn.Sequential(backbone.normalize(), model)
     if runtime == "openvino":
-        if device.type != "cpu":
-            raise UserError("RUNTIME=openvino runs on the CPU; pass DEVICE=cpu or RUNTIME=torch")
         return _openvino(model, backbone.crop, precision)
     model = model.to(device, memory_format=torch.channels_last)
     if runtime == "compile":

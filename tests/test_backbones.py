@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import torchvision
 
 from conftest import run_cli_process
-from pipeline.backbones import BACKBONES, get_backbone, load_backbone, weights_identity
+from pipeline.backbones import BACKBONES, check_weights, get_backbone, load_backbone, weights_identity
+from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.images import load_image
 from pipeline.inference import resolve_device
@@ -76,8 +77,12 @@ def test_files_that_are_not_state_dicts_are_refused(tmp_path):
     junk.write_text("not a checkpoint")
     with pytest.raises(UserError, match="cannot read weights file"):
         load_backbone(get_backbone("densenet121"), junk)
+    with pytest.raises(UserError, match="cannot read weights file"):
+        check_weights(get_backbone("densenet121"), junk)
     with pytest.raises(UserError, match="not found"):
-        weights_identity(get_backbone("densenet121"), tmp_path / "missing.pth")
+        Settings(weights=tmp_path / "missing.pth")
+    with pytest.raises(UserError, match="is a folder"):
+        Settings(weights=tmp_path)
 
 
 def test_unknown_backbone_lists_the_known_ones():

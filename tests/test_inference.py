@@ -14,7 +14,7 @@ from conftest import run_cli
 from pipeline.backbones import get_backbone, load_backbone
 from pipeline.errors import UserError
 from pipeline.images import load_rgb
-from pipeline.inference import prepare
+from pipeline.inference import check_runtime, prepare
 
 CPU = torch.device("cpu")
 
@@ -88,10 +88,12 @@ def test_torch_compile_matches_the_plain_forward_and_pads_a_short_last_batch(lit
 
 
 def test_unknown_precision_or_runtime_is_refused(lite0):
-    with pytest.raises(UserError, match="unknown precision"):
+    with pytest.raises(UserError, match="--precision 'int4' is not one of"):
         prepare(*lite0, CPU, precision="int4")
-    with pytest.raises(UserError, match="unknown runtime"):
+    with pytest.raises(UserError, match="--runtime 'tensorrt' is not one of"):
         prepare(*lite0, CPU, runtime="tensorrt")
+    with pytest.raises(UserError, match="RUNTIME=openvino runs on the CPU"):
+        check_runtime("openvino", torch.device("cuda"))
 
 
 def test_jpeg_draft_decodes_large_photos_smaller_but_to_nearly_the_same_input(tmp_path, lite0):
