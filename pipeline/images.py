@@ -6,11 +6,16 @@ Every file under ``DATA/<split>/<class>/`` is accounted for: it becomes an ``Ima
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
+import hashlib
+import io
 import os
+import stat
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +27,20 @@ from torchvision.transforms.functional import pil_to_tensor
 from pipeline.errors import UserError
 
 SPLITS = ("train", "test")
-AUGMENTED = "train_aug"  # the pseudo-split of augmented views of train images: paths "<image path>#aug<k>"
+AUGMENTED = "train_aug"  # the pseudo-split of augmented views of train images
+NO_VIEW = -1  # an entry that is the image itself, not one of its augmented views
+DIGEST_BYTES = 16
 
 
 @dataclass(frozen=True)
 class ImageEntry:
-    """One image file: its path relative to the dataset root, class index and file stamp."""
+    """One image file (or its augmented view ``view``): path relative to the dataset root, class index, file stamp."""
 
     path: str
     label: int
     size: int
     mtime_ns: int
+    view: int = NO_VIEW
 
 
 @dataclass(frozen=True)
@@ -62,20 +70,113 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def file_skip_reason(filename: str) -> str | None:
-    """Why a file in an image folder is not read as an image, or None if it is one."""
-    if _is_hidden(filename):
-        return "hidden file"
-    if not filename.lower().endswith(IMG_EXTENSIONS):
-        return f"not an image file extension ({', '.join(IMG_EXTENSIONS)})"
-    return None
+_KINDS = {stat.S_IFDIR: "folder", stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
+          stat.S_IFBLK: "block device"}
+
+
+def _not_regular(mode: int) -> str | None:
+    """The skip reason for anything but a regular file (reading a FIFO or a device can block forever), or None."""
+    if stat.S_ISREG(mode):
+        return None
+    return f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'unknown kind')})"
+
+
+def _error_reason(path: str | os.PathLike, error: OSError) -> str:
+    """An ``OSError`` on one path as a skip reason: broken and looping symbolic links by name, the rest by message."""
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if error.errno == errno.ENOENT and os.path.islink(path):
+        return "broken symbolic link"
+    return error.strerror or str(error)
+
+
+def _stat(path: str | os.PathLike) -> os.stat_result:
+    """``os.stat`` through symbolic links, or ``BadImage`` with the reason it fails."""
+    try:
+        return os.stat(path)
+    except OSError as error:
+        raise BadImage(_error_reason(path, error)) from None
+
+
+def image_stat(path: str | os.PathLike) -> os.stat_result:
+    """The stat of a file to read as an image, or ``BadImage`` with the reason it is not one.
+
+    The one rule for dataset scans and ``predict``, in order: a hidden name, an extension not in
+    ``IMG_EXTENSIONS``, a broken or looping symbolic link or any other error, then anything but a regular file
+    (FIFO, socket, device)."""
+    name = os.path.basename(path)
+    if _is_hidden(name):
+        raise BadImage("hidden file")
+    if not name.lower().endswith(IMG_EXTENSIONS):
+        raise BadImage(f"not an image file extension ({', '.join(IMG_EXTENSIONS)})")
+    info = _stat(path)
+    reason = _not_regular(info.st_mode)
+    if reason:
+        raise BadImage(reason)
+    return info
+
+
+def walk_folder(folder: str | os.PathLike) -> Iterator[tuple[str, os.stat_result] | Skipped]:
+    """Every file under ``folder``, depth first in name order: ``(path, stat)`` for an image, else a ``Skipped``.
+
+    Paths are relative to ``folder``; a skipped folder's ends in "/" ("" is ``folder`` itself). Files are judged by
+    ``image_stat``. Hidden folders are not entered, and each real folder (by device and inode, ``folder`` included)
+    is entered once: a symbolic link to an enclosing folder (a loop) or to a folder already walked is skipped."""
+    visited: set[tuple[int, int]] = set()
+    stack: list[tuple[str, frozenset[tuple[int, int]], Iterator[os.DirEntry]]] = []
+
+    def enter(path: str, rel: str, ancestors: frozenset[tuple[int, int]]) -> Skipped | None:
+        try:
+            info = os.stat(path)
+            key = (info.st_dev, info.st_ino)
+            if key in ancestors:
+                return Skipped(rel, "symbolic link to a folder already scanned (loop)")
+            if key in visited:
+                return Skipped(rel, "folder already scanned through another path (symbolic link)")
+            entries = sorted(os.scandir(path), key=lambda entry: entry.name)
+        except OSError as error:
+            return Skipped(rel, _error_reason(path, error))
+        visited.add(key)
+        stack.append((rel, ancestors | {key}, iter(entries)))
+        return None
+
+    skipped = enter(os.fspath(folder), "", frozenset())
+    if skipped:
+        yield skipped
+    while stack:
+        rel, ancestors, entries = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        path = rel + entry.name
+        if not os.path.isdir(entry.path):
+            try:
+                info = image_stat(entry.path)
+            except BadImage as bad:
+                yield Skipped(path, str(bad))
+            else:
+                yield path, info
+        elif _is_hidden(entry.name):
+            yield Skipped(path + "/", "hidden folder")
+        elif skipped := enter(entry.path, path + "/", ancestors):
+            yield skipped
 
 
 def _class_folders(split_dir: Path) -> tuple[list[str], list[Skipped]]:
     classes, skipped = [], []
-    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+    try:
+        entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
+    except OSError as error:
+        raise UserError(f"cannot read {split_dir} ({error.strerror}); make it readable") from None
+    for entry in entries:
         rel = f"{split_dir.name}/{entry.name}"
-        if not entry.is_dir():
+        try:
+            is_folder = stat.S_ISDIR(os.stat(entry.path).st_mode)
+        except OSError as error:
+            skipped.append(Skipped(rel, _error_reason(entry.path, error)))
+            continue
+        if not is_folder:
             skipped.append(Skipped(rel, "file outside any class folder"))
         elif _is_hidden(entry.name):
             skipped.append(Skipped(rel + "/", "hidden folder, not a class"))
@@ -87,19 +188,13 @@ def _class_folders(split_dir: Path) -> tuple[list[str], list[Skipped]]:
 def _scan_class(root: Path, split: str, name: str, label: int) -> tuple[list[ImageEntry], list[Skipped]]:
     entries, skipped = [], []
     class_dir = root / split / name
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        hidden_dirs = [d for d in dirnames if _is_hidden(d)]
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        rel_dir = Path(dirpath).relative_to(root).as_posix()
-        skipped += [Skipped(f"{rel_dir}/{d}/", "hidden folder") for d in sorted(hidden_dirs)]
-        for filename in sorted(filenames):
-            rel = f"{rel_dir}/{filename}"
-            reason = file_skip_reason(filename)
-            if reason:
-                skipped.append(Skipped(rel, reason))
-            else:
-                stat = os.stat(os.path.join(dirpath, filename))
-                entries.append(ImageEntry(rel, label, stat.st_size, stat.st_mtime_ns))
+    prefix = f"{split}/{name}/"
+    for found in walk_folder(class_dir):
+        if isinstance(found, Skipped):
+            skipped.append(Skipped(prefix + found.path, found.reason))
+        else:
+            path, info = found
+            entries.append(ImageEntry(prefix + path, label, info.st_size, info.st_mtime_ns))
     if not entries:
         raise UserError(f"class folder {class_dir} has no images; add images to it or remove the folder")
     return entries, skipped
@@ -136,12 +231,33 @@ def scan_dataset(root: Path) -> DatasetListing:
     return DatasetListing(root, classes, splits)
 
 
+
+_BIT_DEPTHS = range(8, 33, 2)  # 8, 10, 12, ..., 32 bits
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """A gray image deeper than 8 bits ("I;16*", "I", "F") as 8-bit "L", scaled by its real range, or ``BadImage``.
+
+    Integers scale by the smallest even bit depth from 8 to 32 that holds their maximum (a 12-bit image in a 16-bit
+    PNG fills 0..255, and the brightest pixel is never below a quarter of the range); floats within [0, 1] by 255, within [0, 255] as they are. NaN, infinity, negative values and
+    floats above 255 are refused, never guessed into a black image."""
+    values = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise BadImage("NaN or infinite pixel values; save the image with finite values in 0..1 or 0..255")
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or (image.mode == "F" and high > 255):
+        raise BadImage(f"pixel values from {low:g} to {high:g}, outside 0..1 and 0..255; save the image rescaled")
+    if image.mode == "F":
+        scale = 255.0 if high <= 1 else 1.0
+    else:
+        scale = 255 / (2 ** next(bits for bits in _BIT_DEPTHS if high < 2**bits) - 1)
+    return Image.fromarray(np.rint(values * scale).astype(np.uint8))
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB: 16-bit scaled (not clipped), transparency onto white."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        values = np.asarray(image, dtype=np.int64)
-        shift = 8 if image.mode != "I" or values.max() > 255 else 0
-        image = Image.fromarray((np.clip(values, 0, 65535) >> shift).astype(np.uint8), mode="L")
+    """Any Pillow mode to 8-bit RGB: deeper gray scaled by ``_to_8_bit`` (not clipped), transparency onto white."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        image = _to_8_bit(image)
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if has_alpha:
         rgba = image.convert("RGBA")
@@ -150,29 +266,55 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: Path, min_side: int | None = None) -> Image.Image:
-    """Decode one image fully (EXIF orientation applied) or raise ``BadImage`` with the reason.
+def _read_file(path: str | os.PathLike) -> bytes:
+    """All bytes of one regular file, or ``BadImage``.
 
-    With ``min_side``, a JPEG at least twice that size on its short side is decoded at 1/2, 1/4 or
-    1/8 scale in the DCT domain (Pillow's ``draft``), never below ``min_side``: much less work for
-    large photos, and the resize that follows sees nearly the same pixels."""
+    Opened without blocking and checked on the open descriptor, so a FIFO, socket or device put in a file's place
+    after the scan is refused, never waited on."""
     try:
-        if os.path.getsize(path) == 0:
-            raise BadImage("empty file (0 bytes)")
-        with Image.open(path) as image:
-            if min_side is not None and image.format == "JPEG":
-                image.draft("RGB", (min_side, min_side))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
-    except BadImage:
-        raise
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as error:  # a socket cannot be opened at all: name its kind
+        raise BadImage(_not_regular(_stat(path).st_mode) or _error_reason(path, error)) from None
+    with open(fd, "rb") as file:
+        info = os.fstat(fd)
+        reason = _not_regular(info.st_mode) or ("empty file (0 bytes)" if info.st_size == 0 else None)
+        if reason:
+            raise BadImage(reason)
+        try:
+            return file.read()
+        except OSError as error:
+            raise BadImage(_error_reason(path, error)) from None
+
+
+@contextlib.contextmanager
+def _pillow_errors() -> Iterator[None]:
+    """Pillow's errors as ``BadImage`` with the reason."""
+    try:
+        yield
     except Image.DecompressionBombError as error:
         raise BadImage(f"too large for Pillow's decompression-bomb guard ({error}); downscale it") from None
     except UnidentifiedImageError:
         raise BadImage("not a readable image (Pillow cannot identify the format)") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise BadImage(f"truncated or corrupt image data ({error})") from None
+
+
+def _pillow_rgb(image: Image.Image, min_side: int | None) -> Image.Image:
+    if min_side is not None and image.format == "JPEG":
+        image.draft("RGB", (min_side, min_side))
+    image.load()
+    return _to_rgb(ImageOps.exif_transpose(image))
+
+
+def load_rgb(path: Path, min_side: int | None = None) -> Image.Image:
+    """Decode one image fully (EXIF orientation applied) or raise ``BadImage`` with the reason.
+
+    The file is read once, by ``_read_file``, and decoded from memory. With ``min_side``, a JPEG at least twice
+    that size on its short side is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's ``draft``), never
+    below ``min_side``: much less work for large photos, and the resize that follows sees nearly the same pixels."""
+    data = _read_file(path)
+    with _pillow_errors(), Image.open(io.BytesIO(data)) as image:
+        return _pillow_rgb(image, min_side)
 
 
 @functools.cache
@@ -195,63 +337,72 @@ def _decodes_plainly(image: Image.Image, min_side: int | None) -> bool:
 
 
 def load_image(path: Path, min_side: int | None = None) -> torch.Tensor:
-    """Decode one image as ``load_rgb`` does, into a uint8 ``(3, H, W)`` tensor, or raise ``BadImage``.
+    """Decode one image as ``load_rgb`` does, into a uint8 ``(3, H, W)`` tensor, or raise ``BadImage``."""
+    return decode_image(_read_file(path), min_side)
 
-    Plain JPEGs (most photos) go to TorchCodec's decoder when it is installed: about 1.0 ms against Pillow's
-    1.7 ms for a 500x375 photo; every other file, and every JPEG that needs more care, goes through Pillow."""
+
+def file_digest(path: Path) -> bytes:
+    """The blake2b digest of a file's bytes, as stored beside its vector (``--verify`` compares them); ``BadImage`` if
+    it cannot be read."""
+    return _digest(_read_file(path))
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+def decode_image(data: bytes, min_side: int | None = None) -> torch.Tensor:
+    """One image file's bytes as a uint8 ``(3, H, W)`` tensor, as ``load_rgb`` decodes them, or ``BadImage``.
+
+    Plain JPEGs (most photos) go to TorchCodec's faster decoder when it is installed; every other file, and every
+    JPEG that needs more care, goes through Pillow."""
     decode = jpeg_decoder()
-    if decode is not None:
-        try:
-            with Image.open(path) as header:  # reads the header only; also Pillow's decompression-bomb guard
-                plain = _decodes_plainly(header, min_side)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            plain = False  # load_rgb gives the reason
-        if plain:
-            try:
-                return decode(Path(path).read_bytes(), mode="RGB")
-            except RuntimeError as error:
-                raise BadImage(f"truncated or corrupt image data ({str(error).split(', ')[-1].strip()})") from None
-    return pil_to_tensor(load_rgb(path, min_side))
+    with _pillow_errors(), Image.open(io.BytesIO(data)) as image:  # the header, and Pillow's decompression-bomb guard
+        if decode is None or not _decodes_plainly(image, min_side):
+            return pil_to_tensor(_pillow_rgb(image, min_side))
+    try:
+        return decode(data, mode="RGB")
+    except RuntimeError as error:
+        raise BadImage(f"truncated or corrupt image data ({str(error).split(', ')[-1].strip()})") from None
 
 
 def augmented_views(listing: SplitListing, views: int) -> SplitListing:
-    """``views`` augmented views of every train image, as entries of their own."""
-    return SplitListing([ImageEntry(f"{e.path}#aug{k}", e.label, e.size, e.mtime_ns) for e in listing.entries for k in range(views)], [])
+    """``views`` augmented views of every train image, each an entry of its own (same path, view 0..views-1)."""
+    return SplitListing([replace(e, view=k) for e in listing.entries for k in range(views)], [])
 
 
-def view_seed(path: str) -> int:
+def view_seed(path: str, view: int) -> int:
     """Each augmented view's own seed: the same view of the same image is always the same crop."""
-    return zlib.crc32(path.encode("utf-8"))
+    return zlib.crc32(os.fsencode(path) + b"\0" + str(view).encode())
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Decoded (``load_image``), transformed uint8 images; a bad file yields its skip reason instead of a tensor.
+    """Decoded, transformed uint8 images of ``(path, view)`` items, each with the digest of its file's bytes; a bad
+    file yields its skip reason instead of a tensor. View ``NO_VIEW`` is the image through ``transform``, view k
+    is augmented view k through ``augment``, seeded by ``view_seed``."""
 
-    A path ``<image>#aug<k>`` is view k of the image through ``augment``, seeded by ``view_seed``."""
-
-    def __init__(self, root: Path, paths: list[str], transform, min_side: int | None = None, augment=None):
-        self.root, self.paths, self.transform, self.min_side, self.augment = Path(root), paths, transform, min_side, augment
+    def __init__(self, root: Path, items: list[tuple[str, int]], transform, min_side: int | None = None, augment=None):
+        self.root, self.items, self.transform, self.min_side, self.augment = Path(root), items, transform, min_side, augment
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        path = self.paths[index]
-        image_path, _, view = path.partition("#aug")
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, bytes, str]:
+        path, view = self.items[index]
         try:
-            image = load_image(self.root / image_path, self.min_side)
+            data = _read_file(self.root / path)
+            image = decode_image(data, self.min_side)
         except BadImage as bad:
-            return index, None, str(bad)
-        if not view:
-            return index, self.transform(image), ""
+            return index, None, bytes(DIGEST_BYTES), str(bad)
+        if view == NO_VIEW:
+            return index, self.transform(image), _digest(data), ""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(view_seed(path))
-            return index, self.augment(image), ""
+            torch.manual_seed(view_seed(path, view))
+            return index, self.augment(image), _digest(data), ""
 
 
-def collate_good(batch: list[tuple[int, torch.Tensor | None, str]]):
-    """Stack the decoded images; return ``(indices, tensor or None, [(index, reason), ...])``."""
-    good = [(i, x) for i, x, _ in batch if x is not None]
-    bad = [(i, reason) for i, x, reason in batch if x is None]
+def collate_good(batch: list[tuple[int, torch.Tensor | None, bytes, str]]):
+    """Stack the decoded images: ``(indices of the good ones, their tensor or None, {index: (digest, reason)})``."""
+    good = [(i, x) for i, x, _, _ in batch if x is not None]
     tensor = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], tensor, bad
+    return [i for i, _ in good], tensor, {i: (digest, reason) for i, _, digest, reason in batch}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import socket
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,7 @@ from conftest import make_images
 from pipeline.errors import UserError
 from pipeline import images
 from pipeline.images import BadImage, load_image, load_rgb, scan_dataset
+from pipeline.predict import image_files
 
 
 def test_scan_lists_sorted_entries_with_labels_from_train(tmp_path):
@@ -83,7 +88,32 @@ def test_load_rgb_scales_16_bit_instead_of_clipping(tmp_path):
     ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
     path = _save(Image.fromarray(ramp), tmp_path / "deep.png")
     pixels = np.asarray(load_rgb(path))[..., 0]
-    np.testing.assert_array_equal(pixels, (ramp >> 8).astype(np.uint8))
+    np.testing.assert_array_equal(pixels, np.rint(ramp / 65535 * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("pixels, brightest", [
+    (np.linspace(0, 1, 64 * 64, dtype=np.float32), 255),  # float TIFF in 0..1
+    (np.linspace(0, 200, 64 * 64, dtype=np.float32), 200),  # float TIFF in 0..255
+    (np.arange(64 * 64, dtype=np.uint16) % 4096, 255),  # 12-bit values in a 16-bit PNG
+    (np.arange(64 * 64, dtype=np.uint16) % 1024 // 2, 128),  # 10 bits, half range
+    (np.arange(64 * 64, dtype=np.int32) * 1000, 249),  # 32-bit integers: 4095000 of 22 bits
+], ids=["float-0-1", "float-0-255", "12-bit-png", "10-bit-png", "int32-tiff"])
+def test_load_image_scales_deep_images_by_their_real_range(tmp_path, pixels, brightest):
+    suffix = "png" if pixels.dtype == np.uint16 else "tif"
+    path = _save(Image.fromarray(pixels.reshape(64, 64)), tmp_path / f"deep.{suffix}")
+    assert Image.open(path).mode in ("F", "I", "I;16")
+    decoded = load_image(path)
+    assert decoded.shape == (3, 64, 64) and abs(int(decoded.max()) - brightest) <= 1
+
+
+@pytest.mark.parametrize("value, message", [(np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"),
+                                            (300.0, "outside 0..1 and 0..255"), (-0.5, "outside 0..1 and 0..255")])
+def test_load_image_refuses_float_images_it_cannot_scale(tmp_path, value, message):
+    pixels = np.full((8, 8), 0.5, dtype=np.float32)
+    pixels[0, 0] = value
+    path = _save(Image.fromarray(pixels), tmp_path / "odd.tif")
+    with pytest.raises(BadImage, match=message):
+        load_image(path)
 
 
 def test_load_rgb_puts_transparent_pixels_on_white(tmp_path):
@@ -144,3 +174,114 @@ def test_load_image_skips_decompression_bombs_with_a_reason(tmp_path, decoder, s
     assert bomb.stat().st_size < 5_000_000
     with pytest.raises(BadImage, match="decompression-bomb"):
         load_image(bomb)
+
+
+def _skips(listing) -> dict[str, str]:
+    return {s.path: s.reason for split in listing.splits.values() for s in split.skipped}
+
+
+def test_scan_enters_each_real_folder_once(tmp_path):
+    root = make_images(tmp_path / "data", {"train": 2, "test": 1})
+    cat = root / "train" / "cat"
+    (cat / "deeper").mkdir()
+    Image.new("RGB", (8, 8)).save(cat / "deeper" / "x.png")
+    (cat / "loop").symlink_to(".")
+    (cat / "deeper" / "up").symlink_to("..")
+    (cat / "twin").symlink_to("deeper")
+    listing = scan_dataset(root)
+    assert [e.path for e in listing.splits["train"].entries if e.label == 0] == [
+        "train/cat/cat0.png", "train/cat/cat1.png", "train/cat/deeper/x.png"]
+    skipped = _skips(listing)
+    assert skipped["train/cat/loop/"] == skipped["train/cat/deeper/up/"] == "symbolic link to a folder already scanned (loop)"
+    assert "already scanned" in skipped["train/cat/twin/"]
+
+
+def _special_files(folder: Path, monkeypatch) -> None:
+    """A FIFO and a socket named like images in ``folder``, a broken and a self-pointing symbolic link."""
+    os.mkfifo(folder / "pipe.jpg")
+    monkeypatch.chdir(folder)  # a socket's path must be short
+    server = socket.socket(socket.AF_UNIX)
+    server.bind("sock.png")
+    server.close()
+    (folder / "gone.png").symlink_to("missing.png")
+    (folder / "self.png").symlink_to("self.png")
+
+
+SPECIAL_REASONS = {"pipe.jpg": "not a regular file (FIFO)", "sock.png": "not a regular file (socket)",
+                   "gone.png": "broken symbolic link", "self.png": "symbolic link loop"}
+
+
+def test_scan_skips_special_files_and_bad_links_with_reasons(tmp_path, monkeypatch):
+    root = make_images(tmp_path / "data", {"train": 2, "test": 1})
+    _special_files(root / "train" / "cat", monkeypatch)
+    (root / "train" / "loop").symlink_to("loop")
+    listing = scan_dataset(root)
+    assert len(listing.splits["train"].entries) == 4
+    skipped = _skips(listing)
+    assert {name: skipped[f"train/cat/{name}"] for name in SPECIAL_REASONS} == SPECIAL_REASONS
+    assert skipped["train/loop"] == "symbolic link loop"
+
+
+def test_scan_skips_an_entry_it_cannot_read_with_the_error(tmp_path, monkeypatch):
+    root = make_images(tmp_path / "data", {"train": 2, "test": 1})
+    locked = str(root / "train" / "cat" / "cat0.png")
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if os.fspath(path) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    listing = scan_dataset(root)
+    assert _skips(listing)["train/cat/cat0.png"] == "Permission denied"
+    assert len(listing.splits["train"].entries) == 3
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a device file needs root")
+def test_scan_skips_device_files(tmp_path):
+    root = make_images(tmp_path / "data", {"train": 2, "test": 1})
+    os.mknod(root / "train" / "cat" / "null.png", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    assert _skips(scan_dataset(root))["train/cat/null.png"] == "not a regular file (character device)"
+
+
+def test_load_image_refuses_a_fifo_or_socket_instead_of_blocking(tmp_path, monkeypatch, decoder):
+    _special_files(tmp_path, monkeypatch)  # as if swapped in after the scan
+    for name, reason in SPECIAL_REASONS.items():
+        with pytest.raises(BadImage) as bad:
+            load_image(tmp_path / name)
+        assert str(bad.value) == reason, name
+
+
+def test_scan_and_load_keep_file_names_that_are_not_utf8(tmp_path):
+    root = make_images(tmp_path / "data", {"train": 2, "test": 1})
+    png = io.BytesIO()
+    Image.new("RGB", (8, 6), (1, 2, 3)).save(png, "PNG")
+    fd = os.open(os.fsencode(root / "train" / "cat") + b"/caf\xe9.png", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, png.getvalue())
+    os.close(fd)
+    listing = scan_dataset(root)
+    assert "train/cat/caf\udce9.png" in [e.path for e in listing.splits["train"].entries]
+    assert load_image(root / "train/cat/caf\udce9.png").shape == (3, 6, 8)
+    files, _ = image_files([root / "train" / "cat"])
+    assert root / "train/cat/caf\udce9.png" in files
+
+
+def test_predict_lists_with_the_scans_rules(tmp_path, monkeypatch):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "sub" / "a.png")
+    Image.new("RGB", (8, 8)).save(folder / "b.png")
+    (folder / "sub" / "loop").symlink_to("..")
+    (folder / ".thumbs").mkdir()
+    _special_files(folder, monkeypatch)
+    files, skipped = image_files([folder, folder / "pipe.jpg", folder / "gone.png"])
+    assert files == [folder / "b.png", folder / "sub" / "a.png"]
+    reasons = {Path(p.path).relative_to(tmp_path).as_posix() + ("/" if p.path.endswith("/") else ""): p.skipped
+               for p in skipped}
+    assert reasons == {**{f"photos/{name}": reason for name, reason in SPECIAL_REASONS.items()},
+                       "photos/.thumbs/": "hidden folder",
+                       "photos/sub/loop/": "symbolic link to a folder already scanned (loop)"}
+    assert [p.skipped for p in skipped[-2:]] == ["not a regular file (FIFO)", "broken symbolic link"]
+    with pytest.raises(UserError, match="does not exist"):
+        image_files([folder / "nothing.png"])
