@@ -15,6 +15,8 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_X_y
 
+from pipeline.files import atomic_write_text
+
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 MAX_ITER = 2000
 
@@ -54,8 +56,9 @@ class LogisticBaseline:
         return float(accuracy_score(y, self.predict(X)))
 
     def save(self, path: Path, **metadata) -> None:
+        """The coefficients and ``metadata`` as JSON, written atomically."""
         scaler, logreg = self.pipeline_.named_steps["standardscaler"], self.pipeline_.named_steps["logisticregression"]
-        Path(path).write_text(json.dumps({
+        atomic_write_text(path, json.dumps({
             "C": self.C_,
             "classes": self.classes_.tolist(),
             "fitted_classes": logreg.classes_.tolist(),

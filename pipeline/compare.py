@@ -9,12 +9,18 @@ from pipeline.backbones import get_backbone
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.extract import extract
+from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_error
 from pipeline.report import report
 from pipeline.train import train
 
 
 def compare(settings: Settings) -> list[dict]:
-    """Run features, train-head and report per backbone; a backbone that cannot run is a row saying why."""
+    """Run features, train-head and report per backbone; a backbone that cannot run is a row saying why.
+
+    A CACHE that cannot be written is refused before any work (``Settings`` refuses an empty BACKBONES); the tables
+    are written atomically.
+    """
+    check_writable(settings.cache)
     rows = []
     for name in settings.backbones.split():
         one = dataclasses.replace(settings, backbone=name)
@@ -35,10 +41,10 @@ def compare(settings: Settings) -> list[dict]:
             "head_test_accuracy": metrics["head"]["test_accuracy"],
             "logreg_test_accuracy": metrics["logreg"]["test_accuracy"],
         })
-    settings.cache.mkdir(parents=True, exist_ok=True)
-    (settings.cache / "compare.json").write_text(json.dumps(rows, indent=2))
     table = render(rows)
-    (settings.cache / "compare.md").write_text(table + "\n")
+    with disk_full_as_user_error(settings.cache, "compare"):
+        atomic_write_text(settings.cache / "compare.json", json.dumps(rows, indent=2))
+        atomic_write_text(settings.cache / "compare.md", table + "\n")
     print(table)
     print(f"compare: wrote {settings.cache / 'compare.md'} and {settings.cache / 'compare.json'}")
     return rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from sklearn.utils.validation import check_array, check_X_y
 from torch import nn
 
 from pipeline.config import DEFAULTS
+from pipeline.files import atomic_write
 
 
 class MLPHead(nn.Sequential):
@@ -103,7 +105,12 @@ class HeadClassifier:
         return float(accuracy_score(y, self.predict(X)))
 
     def save(self, path: Path, **metadata) -> None:
-        """A plain checkpoint (tensors and primitives only; loads with ``weights_only=True``)."""
+        """A plain checkpoint (tensors and primitives only; loads with ``weights_only=True``), written atomically.
+
+        It is serialised in memory first: torch.save turns a failed file write (a full disk) into a RuntimeError
+        without its errno, so the file itself is written with a plain write.
+        """
+        checkpoint = io.BytesIO()
         torch.save({
             "state_dict": self.model_.state_dict(),
             "params": self.get_params(),
@@ -112,7 +119,8 @@ class HeadClassifier:
             "best_epoch": self.best_epoch_,
             "history": [asdict(h) for h in self.history_],
             **metadata,
-        }, path)
+        }, checkpoint)
+        atomic_write(path, lambda f: f.write(checkpoint.getbuffer()))
 
     @classmethod
     def load(cls, path: Path) -> tuple[HeadClassifier, dict]:

@@ -14,15 +14,20 @@ from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
+from pipeline.files import atomic_write  # noqa: E402
 from pipeline.images import BadImage, load_rgb  # noqa: E402
 
 TSNE_MAX_POINTS = 1500
+MAP_MINIMUM = 2  # vectors, and dimensions, that a 2-D map needs
 
 
 def _save(figure: plt.Figure, path: Path) -> Path:
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    """Write the figure as PNG atomically; it is closed either way."""
+    try:
+        figure.tight_layout()
+        atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(figure)
     return path
 
 
@@ -77,7 +82,16 @@ def top_losses(data_root: Path, paths: list[str], labels: np.ndarray, proba: np.
 
 
 def embedding_map(features: np.ndarray, labels: np.ndarray, classes: list[str], path: Path, seed: int = 0) -> Path:
-    """PCA of the vectors, and t-SNE beside it where the set is small enough to embed quickly."""
+    """PCA of the vectors, and t-SNE beside it where the set is small enough to embed quickly.
+
+    A 2-D map needs at least two vectors of at least two dimensions; with fewer the picture is a panel saying so.
+    """
+    if min(features.shape) < MAP_MINIMUM:
+        figure, axis = plt.subplots(figsize=(5.5, 4.5))
+        axis.axis("off")
+        axis.text(0.5, 0.5, f"no map: {features.shape[0]} test vector(s) of {features.shape[1]} dimension(s);\n"
+                            f"a 2-D map needs at least {MAP_MINIMUM} of each", ha="center", va="center")
+        return _save(figure, path)
     use_tsne = len(features) <= TSNE_MAX_POINTS
     figure, axes = plt.subplots(1, 2 if use_tsne else 1, figsize=(10 if use_tsne else 5.5, 4.5), squeeze=False)
     maps = [("PCA", PCA(n_components=2, random_state=seed).fit_transform(features))]

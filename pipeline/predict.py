@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,14 +14,11 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from pipeline.backbones import get_backbone, load_backbone, weights_identity
-from pipeline.config import Settings
+from pipeline.config import Settings, check_value
 from pipeline.errors import UserError
-from pipeline.images import ImageFiles, collate_good, file_skip_reason
+from pipeline.images import NO_VIEW, BadImage, ImageFiles, Skipped, collate_good, image_stat, walk_folder
 from pipeline.inference import prepare, resolve_device
 from pipeline.train import load_trained
-
-MODELS = ("head", "logreg")
-FORMATS = ("text", "csv", "json")
 
 
 @dataclass
@@ -30,28 +29,33 @@ class Prediction:
 
 
 def image_files(inputs: list[Path]) -> tuple[list[Path], list[Prediction]]:
-    """Files as given, folders walked in sorted order; what is not an image is returned as skipped."""
+    """Files as given, folders walked by ``walk_folder``; what ``image_stat`` rejects is returned as skipped.
+
+    Only a path with nothing at all there (not even a broken symbolic link) is an error."""
     files, skipped = [], []
     for item in map(Path, inputs):
-        if item.is_dir():
-            candidates = sorted(p for p in item.rglob("*") if p.is_file())
-        elif item.is_file():
-            candidates = [item]
+        if os.path.isdir(item):
+            for found in walk_folder(item):
+                if isinstance(found, Skipped):
+                    skipped.append(Prediction(os.path.join(item, found.path), skipped=found.reason))
+                else:
+                    files.append(item / found[0])
+            continue
+        try:
+            os.lstat(item)
+        except OSError as error:
+            if error.errno == errno.ENOENT:
+                raise UserError(f"'{item}' does not exist; pass image files or folders (IMAGES=...)") from None
+        try:
+            image_stat(item)
+        except BadImage as bad:
+            skipped.append(Prediction(str(item), skipped=str(bad)))
         else:
-            raise UserError(f"'{item}' does not exist; pass image files or folders (IMAGES=...)")
-        for path in candidates:
-            folders = path.relative_to(item).parts[:-1] if item.is_dir() else ()
-            reason = "in a hidden folder" if any(f.startswith(".") for f in folders) else file_skip_reason(path.name)
-            if reason:
-                skipped.append(Prediction(str(path), skipped=reason))
-            else:
-                files.append(path)
+            files.append(item)
     return files, skipped
 
 
 def _load_model(settings: Settings, model: str):
-    if model not in MODELS:
-        raise UserError(f"unknown model '{model}'; choose head or logreg")
     classifier, saved = load_trained(settings.backbone_dir(), model)
     if saved.get("backbone") != settings.backbone:
         raise UserError(f"the {model} in {settings.backbone_dir()} was trained on {saved.get('backbone')} vectors, "
@@ -60,6 +64,13 @@ def _load_model(settings: Settings, model: str):
 
 
 def predict(settings: Settings, inputs: list[Path], model: str = "head", top_k: int = 1) -> list[Prediction]:
+    """Predictions for the images in ``inputs``, then the skipped files.
+
+    Everything checkable is checked before the backbone loads: model and top_k (``settings`` checked itself when
+    made), the trained model's file, backbone and weights, and that the inputs hold at least one image.
+    """
+    check_value("model", model)
+    check_value("top_k", top_k)
     classifier, saved = _load_model(settings, model)
     backbone = get_backbone(settings.backbone)
     weights = weights_identity(backbone, settings.weights)
@@ -68,16 +79,17 @@ def predict(settings: Settings, inputs: list[Path], model: str = "head", top_k: 
                         f"pass the same WEIGHTS as for `make features`")
     files, results = image_files(inputs)
     if not files:
-        return results
+        raise UserError(f"no images found in {' '.join(map(str, inputs))}; pass image files or folders holding them (IMAGES=...)")
     forward = prepare(backbone, load_backbone(backbone, settings.weights), resolve_device(settings.device),
                       settings.precision, settings.runtime)
-    dataset = ImageFiles(Path("/"), [str(p.resolve()) for p in files], backbone.transform(), min_side=backbone.resize)
+    dataset = ImageFiles(Path("/"), [(str(p.resolve()), NO_VIEW) for p in files], backbone.transform(), min_side=backbone.resize)
     loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate_good, num_workers=max(settings.workers, 0))
     classes = saved["classes"]
     by_index: dict[int, Prediction] = {}
-    for indices, images, bad in loader:
-        for i, reason in bad:
-            by_index[i] = Prediction(str(files[i]), skipped=reason)
+    for indices, images, outcomes in loader:
+        for i, (_, reason) in outcomes.items():
+            if reason:
+                by_index[i] = Prediction(str(files[i]), skipped=reason)
         if images is None:
             continue
         proba = classifier.predict_proba(forward(images).numpy())
@@ -88,8 +100,9 @@ def predict(settings: Settings, inputs: list[Path], model: str = "head", top_k: 
 
 
 def render(predictions: list[Prediction], format: str, top_k: int) -> str:
-    if format not in FORMATS:
-        raise UserError(f"unknown format '{format}'; choose text, csv or json")
+    """The predictions as text, csv or json."""
+    check_value("format", format)
+    check_value("top_k", top_k)
     if format == "json":
         return json.dumps([{"path": p.path, "prediction": p.top[0][0] if p.top else None,
                             "probability": p.top[0][1] if p.top else None,

@@ -13,11 +13,11 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from pipeline import plots
-from pipeline.config import Settings
+from pipeline.config import MODELS, Settings
 from pipeline.errors import UserError
+from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_error
 from pipeline.train import AUGMENTED_HEAD_FILE, TRAINING_FILE, load_trained, open_features
 
-MODELS = ("head", "logreg")
 TITLES = {"head": "Head", "logreg": "Logistic regression"}
 
 
@@ -43,16 +43,24 @@ def evaluate(proba: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
 
 
 def build_metrics(settings: Settings, data: Path | None = None) -> dict:
-    """Metrics of head and baseline on the test split, and the report's pictures beside them."""
+    """Metrics of head and baseline on the test split, and the report's pictures beside them.
+
+    Refused before any work: a test split without vectors, and an output folder that cannot be written.
+    """
     folder = settings.backbone_dir()
     with open_features(settings, data) as store:
         X, y, classes, paths = store.features("test"), store.labels("test"), store.classes, store.paths("test")
         attrs = store.attrs
         skipped = [{"split": s, "path": r.path, "reason": r.reason} for s in store.splits for r in store.index(s).skipped]
         n_test = len(y)
+    if n_test == 0:
+        raise UserError(f"no test vectors in {store.path}; add images to DATA/test and run `make features` again")
+    check_writable(folder)
     created = str(attrs["created"])
     head = _load(folder, "head", created)
     baseline = _load(folder, "logreg", created)
+    if not (folder / TRAINING_FILE).is_file():
+        raise UserError(f"no {folder / TRAINING_FILE} beside the trained models; run `make train-head` again")
     training = json.loads((folder / TRAINING_FILE).read_text())
     data_root = Path(str(attrs["data_root"]))
     history = [vars(h) for h in head.history_]
@@ -206,12 +214,14 @@ logistic regression <b>{metrics['logreg']['test_accuracy']:.2%}</b></p>
 
 
 def report(settings: Settings, data: Path | None = None) -> dict:
-    metrics = build_metrics(settings, data)
+    """Write metrics.json, report.md, report.html and the PNGs, each atomically; a full disk is a UserError."""
     folder = settings.backbone_dir()
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    markdown = render_markdown(metrics)
-    (folder / "report.md").write_text(markdown)
-    (folder / "report.html").write_text(render_html(metrics, folder))
+    with disk_full_as_user_error(folder, "report"):
+        metrics = build_metrics(settings, data)
+        atomic_write_text(folder / "metrics.json", json.dumps(metrics, indent=2))
+        markdown = render_markdown(metrics)
+        atomic_write_text(folder / "report.md", markdown)
+        atomic_write_text(folder / "report.html", render_html(metrics, folder))
     print(markdown, end="")
     print(f"report: wrote metrics.json, report.md, report.html and {len(metrics['figures'])} PNGs to {folder}")
     return metrics

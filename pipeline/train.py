@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from sklearn.model_selection import train_test_split
 from pipeline.baseline import LogisticBaseline
 from pipeline.config import Settings
 from pipeline.errors import UserError
+from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_error
 from pipeline.head import HeadClassifier
 from pipeline.images import AUGMENTED
 from pipeline.store import FeatureStore, features_file
@@ -24,12 +26,19 @@ TRAINING_FILE = "training.json"
 
 
 def load_trained(folder: Path, model: str) -> tuple:
-    """A trained classifier saved by ``train``, and its saved metadata: model is head, logreg or head_augmented."""
+    """A trained classifier saved by ``train``, and its saved metadata: model is head, logreg or head_augmented.
+
+    A missing or unreadable file is a UserError telling to train again.
+    """
     file, kind = {"head": (HEAD_FILE, HeadClassifier), "logreg": (BASELINE_FILE, LogisticBaseline),
                   "head_augmented": (AUGMENTED_HEAD_FILE, HeadClassifier)}[model]
     if not (folder / file).is_file():
         raise UserError(f"no trained {model} at {folder / file}; run `make train-head` with the same BACKBONE and CACHE first")
-    return kind.load(folder / file)
+    try:
+        return kind.load(folder / file)
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as error:
+        raise UserError(f"cannot read the trained {model} at {folder / file} ({type(error).__name__}); "
+                        f"run `make train-head` again") from None
 
 
 def _new_head(settings: Settings) -> HeadClassifier:
@@ -56,7 +65,7 @@ def _train_on_views(settings: Settings, X, y, paths, train_rows, val_rows, views
     """A second head on the training images plus their cached augmented views (never those of validation images)."""
     X_views, y_views, view_paths = views
     training_images = {paths[i] for i in train_rows}
-    keep = np.array([p.partition("#aug")[0] in training_images for p in view_paths])
+    keep = np.array([p in training_images for p in view_paths], dtype=bool)
     start = time.perf_counter()
     print(f"train-head: head on {len(train_rows)} images + {keep.sum()} augmented views")
     head = _new_head(settings)
@@ -78,6 +87,8 @@ class TrainResult:
 
 
 def train(settings: Settings, data: Path | None = None) -> TrainResult:
+    """Train head, baseline (and the augmented head when views are cached); the output folder is checked writable first."""
+    folder = settings.backbone_dir()
     with open_features(settings, data) as store:
         X, y, classes, paths = store.features("train"), store.labels("train"), store.classes, store.paths("train")
         views = (store.features(AUGMENTED), store.labels(AUGMENTED), store.paths(AUGMENTED)) if AUGMENTED in store.splits else None
@@ -92,6 +103,7 @@ def train(settings: Settings, data: Path | None = None) -> TrainResult:
                                                 random_state=settings.seed)
     except ValueError as error:
         raise UserError(f"cannot carve a stratified validation split ({error}); change --val-fraction") from None
+    check_writable(folder)
     start = time.perf_counter()
     head = _new_head(settings)
     head.fit(X[train_rows], y[train_rows], X[val_rows], y[val_rows], n_classes=len(classes))
@@ -100,22 +112,23 @@ def train(settings: Settings, data: Path | None = None) -> TrainResult:
     baseline = LogisticBaseline(seed=settings.seed).fit(X[train_rows], y[train_rows], X[val_rows], y[val_rows],
                                                         n_classes=len(classes))
     baseline_seconds = time.perf_counter() - start
-    folder = settings.backbone_dir()
     augmented = {}
-    (folder / AUGMENTED_HEAD_FILE).unlink(missing_ok=True)
-    if views is not None and len(views[1]):
-        augmented = _train_on_views(settings, X, y, paths, train_rows, val_rows, views, len(classes), folder / AUGMENTED_HEAD_FILE, source)
-    head.save(folder / HEAD_FILE, **source)
-    baseline.save(folder / BASELINE_FILE, **source)
-    (folder / TRAINING_FILE).write_text(json.dumps({
-        **source,
-        "n_train": len(train_rows),
-        "n_val": len(val_rows),
-        "seed": settings.seed,
-        "head_seconds": head_seconds,
-        "logreg_seconds": baseline_seconds,
-        "augmented": augmented,
-    }, indent=2))
+    with disk_full_as_user_error(folder, "train-head"):
+        (folder / AUGMENTED_HEAD_FILE).unlink(missing_ok=True)
+        if views is not None and len(views[1]):
+            augmented = _train_on_views(settings, X, y, paths, train_rows, val_rows, views, len(classes),
+                                        folder / AUGMENTED_HEAD_FILE, source)
+        head.save(folder / HEAD_FILE, **source)
+        baseline.save(folder / BASELINE_FILE, **source)
+        atomic_write_text(folder / TRAINING_FILE, json.dumps({
+            **source,
+            "n_train": len(train_rows),
+            "n_val": len(val_rows),
+            "seed": settings.seed,
+            "head_seconds": head_seconds,
+            "logreg_seconds": baseline_seconds,
+            "augmented": augmented,
+        }, indent=2))
     print(f"train-head: head best epoch {head.best_epoch_} (val accuracy {head.history_[head.best_epoch_ - 1].val_accuracy:.1%}), "
           f"{head_seconds:.1f} s | logreg C={baseline.C_} (val accuracy {baseline.val_scores_[baseline.C_]['val_accuracy']:.1%}), "
           f"{baseline_seconds:.1f} s | saved to {folder}")

@@ -113,10 +113,10 @@ def test_augmented_views_are_cached_incrementally_and_reported(tmp_path, tiny_da
     assert "68 vectors (20 train, 8 test, 40 train_aug)" in capsys.readouterr().out
     import h5py
     with h5py.File(cache / "efficientnet_lite0/features.h5") as f:
-        views = [p.decode() for p in f["train_aug/paths"][()]]
+        views = list(zip([p.decode() for p in f["train_aug/paths"][()]], f["train_aug/views"][()].tolist()))
         plain = f["train/features"][0]
         first_views = f["train_aug/features"][:2]
-        assert views[:2] == ["train/cat/cat0.png#aug0", "train/cat/cat0.png#aug1"] and "test_aug" not in f
+        assert views[:2] == [("train/cat/cat0.png", 0), ("train/cat/cat0.png", 1)] and "test_aug" not in f
     assert not np.allclose(first_views[0], plain) and not np.allclose(first_views[0], first_views[1])
     assert run_cli("features", "--data", tiny_data, "--cache", cache, *LITE, "--augment", "3") == 0
     assert "extracted 20 " in capsys.readouterr().out  # only the third view of each train image
