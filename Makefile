@@ -14,7 +14,7 @@ REPORT_FLAGS = $(call flag,DATA,data) $(LOCATION)
 PREDICT_FLAGS = $(LOCATION) $(call flag,DEVICE,device) $(call flag,WEIGHTS,weights) $(call flag,PRECISION,precision) \
 	$(call flag,RUNTIME,runtime) $(call flag,MODEL,model) $(call flag,TOP_K,top-k) $(call flag,FORMAT,format)
 
-.PHONY: help install features train-head report all compare predict test bench clean
+.PHONY: help install features train-head report all compare predict test test-fast bench clean
 
 help: ## list targets and variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,8 +43,11 @@ predict: ## classify IMAGES (files or folders) with the trained head; MODEL=logr
 	$(if $(IMAGES),,$(error pass IMAGES=path/to/images (files or folders)))
 	@$(PYTHON) -m pipeline predict $(IMAGES) $(PREDICT_FLAGS)
 
-test: ## run the test suite (unit tests and the integration test on ../shared/data/cats-dogs)
+test: ## run the whole test suite (unit, fault-injection and the integration test on ../shared/data/cats-dogs)
 	$(PYTHON) -m pytest
+
+test-fast: ## unit tests only (no fault injection, torchrun or real data)
+	$(PYTHON) -m pytest -m "not slow and not integration"
 
 bench: ## measure stage one, time-to-head, CPU runtimes and memory; writes CACHE/bench.json
 	$(PYTHON) benchmarks/bench.py $(call flag,BACKBONE,backbone) $(call flag,CACHE,cache) $(call flag,DEVICE,device) \

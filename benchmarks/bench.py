@@ -141,7 +141,7 @@ def uncached_training(backbone: str, weights: Path | None, data: Path, settings:
     forward = prepare(b, load_backbone(b, weights), device)
     listing = scan_dataset(data)
     entries = listing.splits["train"].entries
-    dataset = ImageFiles(data, [e.path for e in entries], b.transform(), min_side=b.resize)
+    dataset = ImageFiles(data, [(e.path, e.view) for e in entries], b.transform(), min_side=b.resize)
     labels = torch.tensor([e.label for e in entries])
     workers = decode_workers(settings, device, len(entries))
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, collate_fn=collate_good,

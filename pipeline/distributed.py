@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline import faults
 from pipeline.errors import UserError
 from pipeline.images import DatasetListing, SplitListing
 from pipeline.store import BLOCK_ROWS, FeatureStore, SplitIndex, StoreWriter
@@ -46,11 +47,11 @@ def local_device(name: str, rank: Rank) -> str:
     return name
 
 
-def start(device: str) -> None:
+def start(device: torch.device) -> None:
     if not dist.is_initialized():
-        if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device))
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=2))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
 
 
 def barrier() -> None:
@@ -80,21 +81,46 @@ def shard(listing: DatasetListing, rank: Rank) -> DatasetListing:
 
 
 def part_file(folder: Path, rank: Rank) -> Path:
+    """The name a rank's part versions are derived from (also of its lock and its partial-run folder)."""
     return folder / f"features.part-{rank.rank}-of-{rank.world}.h5"
 
 
-def join(target: Path, world: int, merge: bool = False) -> bool:
-    """Join the parts into ``target``; False when it already joins exactly these parts."""
-    parts = [part_file(target.parent, Rank(r, world)) for r in range(world)]
+@dataclass(frozen=True)
+class FeatureFiles:
+    """The file versions of one feature file. A plain file is replaced by rename; a rank's part is written under a new
+    version name each time, so a joined file only ever reads the exact versions it was built from."""
+
+    base: Path
+    versioned: bool = False
+
+    def versions(self) -> list[Path]:
+        """The versions on disk, oldest first."""
+        if not self.versioned:
+            return [self.base] if self.base.exists() else []
+        found = self.base.parent.glob(f"{self.base.stem}.*{self.base.suffix}")
+        return sorted(p for p in found if p.is_file())  # version names sort by time
+
+    def current(self) -> Path | None:
+        return (self.versions() or [None])[-1]
+
+    def new(self) -> Path:
+        if not self.versioned:
+            return self.base
+        return self.base.with_name(f"{self.base.stem}.{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}{self.base.suffix}")
+
+
+def join(target: Path, parts: list[Path], merge: bool = False) -> bool:
+    """Join the parts (one per rank, in rank order) into ``target``, then remove other versions of the parts;
+    False when ``target`` already joins exactly these versions."""
     stores = [FeatureStore(p) for p in parts]
     try:
-        stamp = json.dumps([[p.name, str(s.attrs["created"])] for p, s in zip(parts, stores)] + [["merge", merge]])
-        if _already_joined(target, stamp):
+        stamp = json.dumps([[p.name, s.attrs["content_sha256"]] for p, s in zip(parts, stores)])
+        if _already_joined(target, stamp, merge):
             return False
         first = stores[0]
         if any(s.fingerprint != first.fingerprint for s in stores):
             raise UserError("the part files were made with different settings; run `make features FORCE=1 NPROC=...`")
-        attrs = {k: v for k, v in first.attrs.items() if k not in ("format", "format_version", "complete")}
+        attrs = {k: v for k, v in first.attrs.items() if k not in ("format", "format_version", "complete", "content_sha256")}
         attrs.update(
             created=max(str(s.attrs["created"]) for s in stores),
             images_extracted=sum(int(s.attrs["images_extracted"]) for s in stores),
@@ -102,14 +128,15 @@ def join(target: Path, world: int, merge: bool = False) -> bool:
             extraction_seconds=max(float(s.attrs["extraction_seconds"]) for s in stores),
             augment_seconds=max(float(s.attrs["augment_seconds"]) for s in stores),
             throughput_img_s=sum(float(s.attrs["throughput_img_s"]) for s in stores),
-            parts=stamp,
+            parts=stamp if not merge else "[]",
+            joined_from=stamp,
         )
         with StoreWriter(target, attrs) as writer:
             for split in first.splits:
                 indexes = [s.index(split) for s in stores]
                 index = SplitIndex(
-                    [p for i in indexes for p in i.paths], np.concatenate([i.labels for i in indexes]),
-                    np.concatenate([i.sizes for i in indexes]), np.concatenate([i.mtimes for i in indexes]),
+                    [p for i in indexes for p in i.paths],
+                    *[np.concatenate([getattr(i, a) for i in indexes]) for a in ("views", "labels", "sizes", "mtimes", "digests")],
                     [r for i in indexes for r in i.skipped],
                 )
                 dtype = first.file[split]["features"].dtype
@@ -125,16 +152,28 @@ def join(target: Path, world: int, merge: bool = False) -> bool:
                 else:
                     sources = [(p.name, len(i.paths)) for p, i in zip(parts, indexes)]
                     writer.add_virtual_split(split, index, first.feature_dim, dtype, sources)
+            faults.reached("join-before-rename")
             writer.commit()
-        return True
     finally:
         for s in stores:
-            s.file.close()
+            s.close()
+    _remove_other_versions(parts)
+    return True
 
 
-def _already_joined(target: Path, stamp: str) -> bool:
+def _remove_other_versions(parts: list[Path]) -> None:
+    """Versions of these ranks' parts that the new join does not read."""
+    keep = set(parts)
+    world = len(parts)
+    for rank in range(world):
+        for version in FeatureFiles(part_file(parts[0].parent, Rank(rank, world)), versioned=True).versions():
+            if version not in keep:
+                version.unlink(missing_ok=True)
+
+
+def _already_joined(target: Path, stamp: str, merge: bool) -> bool:
     try:
         with FeatureStore(target) as joined:
-            return joined.attrs.get("parts") == stamp
+            return joined.attrs.get("joined_from") == stamp and (joined.attrs.get("parts") == "[]") == merge
     except UserError:
         return False

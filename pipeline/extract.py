@@ -1,18 +1,19 @@
 """Stage one: run the frozen backbone over every new or changed image, once, into the feature store.
 
-An unchanged dataset is a no-op. Otherwise vectors are reused from the previous ``features.h5``
-(same fingerprint, same file size and mtime) and from the committed chunks of an interrupted run;
-only the rest go through the backbone, chunk by chunk; then a new ``features.h5`` is assembled
-under a temporary name and renamed into place.
+Every setting, the device, the runtime and the weights are checked before anything on disk is touched.
+An unchanged dataset is a no-op. Otherwise vectors are reused from the previous ``features.h5`` (same
+fingerprint, same file size and mtime) and from the committed chunks of an interrupted run; only the
+rest go through the backbone, chunk by chunk; then a new ``features.h5`` is assembled under a temporary
+name and renamed into place. A stored vector whose checksum fails while it is copied is redone, not
+copied; ``--verify`` also re-reads every image and every stored vector and redoes what changed.
 """
 
 from __future__ import annotations
 
-import errno
 import importlib.metadata
+import itertools
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,17 +27,20 @@ from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import distributed
-from pipeline.backbones import Backbone, get_backbone, load_backbone, weights_identity
+from pipeline import distributed, faults
+from pipeline.backbones import Backbone, check_weights, get_backbone, load_backbone, weights_identity
 from pipeline.config import Settings
 from pipeline.errors import UserError
-from pipeline.images import (AUGMENTED, DatasetListing, ImageFiles, augmented_views, collate_good, jpeg_decoder,
+from pipeline.files import check_writable, disk_full_as_user_error
+from pipeline.images import (AUGMENTED, NO_VIEW, BadImage, DatasetListing, ImageFiles, augmented_views, collate_good, file_digest, jpeg_decoder,
                              scan_dataset)
-from pipeline.inference import RUNTIMES, prepare, resolve_device, runtime_installed
-from pipeline.partial import ChunkRow, Key, PartialRun
-from pipeline.store import BLOCK_ROWS, FeatureStore, SkipRecord, SplitIndex, StoreWriter, features_file
+from pipeline.inference import RUNTIME_PACKAGES, check_runtime, prepare, resolve_device, runtime_installed
+from pipeline.partial import ChunkRow, PartialRun
+from pipeline.store import (BLOCK_ROWS, ROWS_PER_CHUNK, FeatureStore, ImageKey, SkipRecord, SplitIndex,
+                            StoreWriter, features_file, shown)
 
 SKIPS_LISTED = 50  # skipped files listed under the summary line; all of them are in the file and the report
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def library_versions(runtime: str = "torch") -> dict[str, str]:
@@ -44,25 +48,20 @@ def library_versions(runtime: str = "torch") -> dict[str, str]:
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
     if jpeg_decoder() is not None:
         versions["torchcodec"] = importlib.metadata.version("torchcodec")
-    if package := RUNTIMES.get(runtime):
+    if package := RUNTIME_PACKAGES.get(runtime):
         versions[package] = importlib.metadata.version(package) if runtime_installed(runtime) else "missing"
     return versions
 
 
-STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
 def fingerprint(backbone: Backbone, settings: Settings) -> dict:
     """What produced the vectors; a cache whose fingerprint differs is rebuilt, never reused."""
-    if settings.storage not in STORAGE_DTYPES:
-        raise UserError(f"unknown storage dtype '{settings.storage}'; choose float32 or float16")
     return {
         "backbone": backbone.name,
         "weights": weights_identity(backbone, settings.weights),
         "transform": f"{backbone.transform()!r} then {backbone.normalize()!r}",
         "decode": f"RGB, EXIF-rotated, JPEG draft to >= {backbone.resize}px, plain JPEGs by "
                   f"{'torchcodec' if jpeg_decoder() is not None else 'Pillow'}",
-        "augment": f"{backbone.augment_transform()!r} seeded by crc32 of '<path>#aug<k>'",
+        "augment": f"{backbone.augment_transform()!r} seeded by view_seed(path, view)",
         "precision": settings.precision,
         "runtime": settings.runtime,
         "storage": settings.storage,
@@ -78,16 +77,16 @@ class ExtractSummary:
     resumed: int = 0
     extracted: int = 0
     removed: int = 0
+    repaired: int = 0  # stored vectors redone because their image changed in place or their checksum failed
     skipped: list[tuple[str, SkipRecord]] = field(default_factory=list)
     seconds: float = 0.0
     backbone_seconds: float = 0.0  # inside the forward (device copies included); the rest is decoding and writing
     up_to_date: bool = False
 
-    def describe_file(self) -> None:
-        """Fill in the vector counts and skipped files from the finished file itself."""
-        with FeatureStore(self.path) as store:
-            self.images = {s: len(store.paths(s)) for s in store.splits}
-            self.skipped = [(s, r) for s in store.splits for r in store.index(s).skipped]
+    def describe(self, store: FeatureStore) -> None:
+        """Fill in the vector counts and skipped files from the file itself."""
+        self.images = {s: len(store.paths(s)) for s in store.splits}
+        self.skipped = [(s, r) for s in store.splits for r in store.index(s).skipped]
 
     def line(self) -> str:
         size = self.path.stat().st_size / 1e6 if self.path.exists() else 0.0
@@ -96,61 +95,74 @@ class ExtractSummary:
         if rate and self.backbone_seconds:
             rate += f", backbone busy {self.backbone_seconds / self.seconds:.0%} of it"
         state = "up to date" if self.up_to_date else f"extracted {self.extracted}"
-        skipped = [f"  skipped {record.path}: {record.reason}" for _, record in self.skipped[:SKIPS_LISTED]]
+        repaired = f", repaired {self.repaired}" if self.repaired else ""
+        skipped = [f"  skipped {shown(record.path)}: {record.reason}" for _, record in self.skipped[:SKIPS_LISTED]]
         if len(self.skipped) > SKIPS_LISTED:
             skipped.append(f"  ... and {len(self.skipped) - SKIPS_LISTED} more, all listed in report.md and {self.path.name}")
         return "\n".join([
             f"features: {state} | {sum(self.images.values())} vectors ({split_counts}) in {self.path} ({size:.1f} MB) | "
-            f"reused {self.reused}, resumed {self.resumed}, removed {self.removed}, skipped {len(self.skipped)} | "
+            f"reused {self.reused}, resumed {self.resumed}, removed {self.removed}{repaired}, skipped {len(self.skipped)} | "
             f"{self.seconds:.1f} s{rate}",
             *skipped,
         ])
 
 
-def _previous(target: Path, expected: dict, force: bool) -> FeatureStore | None:
+def _previous(path: Path | None, expected: dict, force: bool) -> FeatureStore | None:
     """The existing feature file if it may be reused; anything else is rebuilt."""
-    if force or not target.exists():
+    if force or path is None or not path.exists():
         return None
     try:
-        store = FeatureStore(target)
+        store = FeatureStore(path)
     except UserError as error:
         print(f"features: existing cache not reusable ({error}); rebuilding")
         return None
     if store.fingerprint != expected:
         changed = [k for k in expected if store.fingerprint.get(k) != expected[k]]
-        print(f"features: {', '.join(changed)} changed since {target} was made; rebuilding")
-        store.file.close()
+        print(f"features: {', '.join(changed)} changed since {path} was made; rebuilding")
+        store.close()
         return None
     return store
+
+
+def listed_keys(listing: DatasetListing, split: str) -> list[tuple[ImageKey, int]]:
+    """Each listed image of ``split`` (each of its views, in the augmented split) with its label, in order."""
+    return [(ImageKey(split, e.path, e.view, e.size, e.mtime_ns), e.label) for e in listing.splits[split].entries]
 
 
 @dataclass
 class Plan:
     """For every listed image, where its vector comes from: the old file, a chunk, or the backbone."""
 
-    old_rows: dict[Key, int] = field(default_factory=dict)
-    old_skips: dict[Key, str] = field(default_factory=dict)
-    todo: list[Key] = field(default_factory=list)
+    old_rows: dict[ImageKey, int] = field(default_factory=dict)
+    old_skips: dict[ImageKey, str] = field(default_factory=dict)
+    todo: list[ImageKey] = field(default_factory=list)
     resumed: int = 0
     removed: int = 0
+    repaired: int = 0
     listing_changed: bool = False
 
+    def redo(self, keys: list[ImageKey]) -> None:
+        """Stored vectors that must not be copied: extract them again."""
+        for key in keys:
+            if self.old_rows.pop(key, None) is not None:
+                self.todo.append(key)
+                self.repaired += 1
 
-def _plan(listing: DatasetListing, previous: FeatureStore | None, partial_done: dict[Key, ChunkRow]) -> Plan:
-    plan = Plan(listing_changed=previous is None)
+
+def _plan(listing: DatasetListing, previous: FeatureStore | None, partial_done: dict[ImageKey, ChunkRow]) -> Plan:
+    plan = Plan(listing_changed=previous is None or previous.attrs.get("data_root") != str(listing.root.resolve()))
     old_splits = previous.splits if previous is not None else []
     for split in dict.fromkeys([*listing.splits, *old_splits]):
-        stored: dict[Key, int | str] = {}
+        stored: dict[ImageKey, int | str] = {}
         if previous is not None and split in previous.splits:
             index = previous.index(split)
-            stored = {(split, p, int(s), int(m)): row for row, (p, s, m) in enumerate(zip(index.paths, index.sizes, index.mtimes))}
-            stored |= {(split, s.path, s.size, s.mtime_ns): s.reason for s in index.skipped if s.size >= 0}
+            stored = {key: row for row, key in enumerate(index.keys(split))}
+            stored |= {ImageKey(split, s.path, s.view, s.size, s.mtime_ns): s.reason for s in index.skipped if s.size >= 0}
             old_listing_skips = {(s.path, s.reason) for s in index.skipped if s.size < 0}
             new_listing_skips = {(s.path, s.reason) for s in listing.splits[split].skipped} if split in listing.splits else set()
             plan.listing_changed |= old_listing_skips != new_listing_skips
         current = set()
-        for entry in listing.splits[split].entries if split in listing.splits else []:
-            key = (split, entry.path, entry.size, entry.mtime_ns)
+        for key, _ in listed_keys(listing, split) if split in listing.splits else []:
             current.add(key)
             found = stored.get(key)
             if isinstance(found, int):
@@ -161,13 +173,41 @@ def _plan(listing: DatasetListing, previous: FeatureStore | None, partial_done: 
                 plan.resumed += 1
             else:
                 plan.todo.append(key)
-        plan.removed += len({key[1] for key in stored} - {key[1] for key in current})
+        plan.removed += len({(k.path, k.view) for k in stored} - {(k.path, k.view) for k in current})
     return plan
+
+
+def _stored_digests(store: FeatureStore) -> dict[ImageKey, bytes]:
+    return {key: bytes(d) for split in store.splits for key, d in zip(store.index(split).keys(split), store.index(split).digests)}
+
+
+def _verify(listing: DatasetListing, previous: FeatureStore, plan: Plan) -> None:
+    """``--verify``: redo every stored vector whose image bytes changed (same size and mtime) or whose chunk checksum fails."""
+    stored = _stored_digests(previous)
+    current: dict[str, bytes | None] = {}
+    changed = []
+    for key in tqdm(list(plan.old_rows), unit="img", desc="verify images", disable=None):
+        if key.path not in current:
+            try:
+                current[key.path] = file_digest(listing.root / key.path)
+            except BadImage:
+                current[key.path] = None
+        if current[key.path] != stored[key]:
+            changed.append(key)
+    for split in previous.splits:
+        rows = len(previous.paths(split))
+        for start in range(0, rows, ROWS_PER_CHUNK):
+            try:
+                previous.features(split, slice(start, start + ROWS_PER_CHUNK))
+            except UserError:
+                bad = set(range(start, min(rows, start + ROWS_PER_CHUNK)))
+                changed += [key for key, row in plan.old_rows.items() if key.split == split and row in bad]
+    plan.redo(list(dict.fromkeys(changed)))
 
 
 def decode_workers(settings: Settings, device: torch.device, n_images: int) -> int:
     """Decoding workers: on an accelerator, enough to keep it busy; on a CPU they compete with the model for the
-    same cores (2 cores, `make bench`: 0 workers 61 img/s, 1 worker 38, 2 workers 38), so only many-core CPUs get some."""
+    same cores, so only many-core CPUs get some (``make bench`` measures both)."""
     if settings.workers >= 0:
         return settings.workers
     cores = os.cpu_count() or 1
@@ -176,75 +216,97 @@ def decode_workers(settings: Settings, device: torch.device, n_images: int) -> i
     return min(8, cores) if device.type != "cpu" else min(4, cores // 8)
 
 
-def _run_backbone(settings: Settings, backbone: Backbone, listing: DatasetListing, todo: list[Key], partial: PartialRun,
+def _run_backbone(settings: Settings, backbone: Backbone, root: Path, todo: list[ImageKey], partial: PartialRun,
                   forward, device: torch.device) -> float:
     """Extract ``todo`` into ``partial``, chunk by chunk; return the seconds spent in ``forward``."""
-    dataset = ImageFiles(listing.root, [key[1] for key in todo], backbone.transform(), min_side=backbone.resize,
+    dataset = ImageFiles(root, [(key.path, key.view) for key in todo], backbone.transform(), min_side=backbone.resize,
                          augment=backbone.augment_transform())
     workers = decode_workers(settings, device, len(todo))
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=workers, collate_fn=collate_good,
                         pin_memory=device.type == "cuda")
-    keys: list[Key] = []
+    keys: list[ImageKey] = []
     rows: list[np.ndarray] = []
+    digests: list[bytes] = []
     reasons: list[str] = []
     zeros = np.zeros(backbone.feature_dim, dtype=np.float32)
     busy = 0.0
 
     def commit() -> None:
-        partial.save_chunk(keys[:], np.stack(rows), reasons[:])
-        keys.clear(), rows.clear(), reasons.clear()
+        partial.save_chunk(keys[:], np.stack(rows), digests[:], reasons[:])
+        keys.clear(), rows.clear(), digests.clear(), reasons.clear()
 
     with tqdm(total=len(todo), unit="img", desc=f"features {backbone.name} on {device}", disable=None) as bar:
-        for indices, images, bad in loader:
+        for indices, images, outcomes in loader:
             started = time.perf_counter()
-            vectors = forward(images).numpy() if images is not None else []
+            vectors = dict(zip(indices, forward(images).numpy())) if images is not None else {}
             busy += time.perf_counter() - started
-            results = {i: (v, "") for i, v in zip(indices, vectors)} | {i: (zeros, reason) for i, reason in bad}
-            for i in sorted(results):
+            for i in sorted(outcomes):
+                digest, reason = outcomes[i]
                 keys.append(todo[i])
-                rows.append(results[i][0])
-                reasons.append(results[i][1])
+                rows.append(vectors.get(i, zeros))
+                digests.append(digest)
+                reasons.append(reason)
             if len(keys) >= settings.chunk_size:
                 commit()
-            bar.update(len(results))
+            bar.update(len(outcomes))
     if keys:
         commit()
     return busy
 
 
+class DamagedRows(Exception):
+    """Stored vectors whose checksum failed while being copied: they are extracted again."""
+
+    def __init__(self, keys: list[ImageKey]):
+        super().__init__(f"{len(keys)} stored vectors failed their checksum")
+        self.keys = keys
+
+
 def _assemble(target: Path, attrs: dict, listing: DatasetListing, plan: Plan, previous: FeatureStore | None,
-              partial: PartialRun, feature_dim: int, dtype: type, summary: ExtractSummary) -> None:
+              partial: PartialRun, feature_dim: int, dtype: type) -> None:
+    old_digests = _stored_digests(previous) if previous is not None else {}
     with StoreWriter(target, attrs) as writer:
         for split in listing.splits:
-            sources, index = [], SplitIndex([], [], [], [], [SkipRecord(s.path, s.reason) for s in listing.splits[split].skipped])
-            for entry in listing.splits[split].entries:
-                key = (split, entry.path, entry.size, entry.mtime_ns)
+            rows, sources = [], []
+            skipped = [SkipRecord(s.path, s.reason) for s in listing.splits[split].skipped]
+            for key, label in listed_keys(listing, split):
                 if key in plan.old_rows:
-                    source, reason = plan.old_rows[key], ""
+                    source, digest, reason = plan.old_rows[key], old_digests[key], ""
                 elif key in plan.old_skips:
-                    source, reason = None, plan.old_skips[key]
+                    source, digest, reason = None, b"", plan.old_skips[key]
                 else:
                     source = partial.done[key]
-                    reason = source.reason
+                    digest, reason = source.digest, source.reason
                 if reason:
-                    index.skipped.append(SkipRecord(entry.path, reason, entry.size, entry.mtime_ns))
+                    skipped.append(SkipRecord(key.path, reason, key.size, key.mtime_ns, key.view))
                     continue
-                sources.append(source)
-                index.paths.append(entry.path)
-                index.labels.append(entry.label)
-                index.sizes.append(entry.size)
-                index.mtimes.append(entry.mtime_ns)
-            dataset = writer.add_split(split, index, feature_dim, dtype)
+                sources.append((key, source))
+                rows.append((key, label, digest))
+            dataset = writer.add_split(split, SplitIndex.build(rows, skipped), feature_dim, dtype)
             for start in range(0, len(sources), BLOCK_ROWS):
                 block = sources[start:start + BLOCK_ROWS]
-                old = [s for s in block if isinstance(s, int)]
-                old_block = previous.features(split, slice(min(old), max(old) + 1)) if old else None
-                dataset[start:start + len(block)] = np.stack(
-                    [old_block[s - min(old)] if isinstance(s, int) else partial.vector(s) for s in block]
-                )
-            summary.images[split] = len(sources)
-            summary.skipped += [(split, s) for s in index.skipped]
+                dataset[start:start + len(block)] = _block_vectors(split, block, previous, partial)
+                faults.reached("assembly")
         writer.commit()
+
+
+def _block_vectors(split: str, block: list[tuple[ImageKey, int | ChunkRow]], previous: FeatureStore | None,
+                   partial: PartialRun) -> np.ndarray:
+    """The vectors of one block of rows, from the old file (read chunk by chunk, checksums verified) and from chunks."""
+    old_vectors: dict[int, np.ndarray] = {}
+    damaged: list[ImageKey] = []
+    old_rows = sorted({s for _, s in block if isinstance(s, int)})
+    for chunk, members in itertools.groupby(old_rows, key=lambda row: row // ROWS_PER_CHUNK):
+        rows = list(members)
+        try:
+            vectors = previous.features(split, slice(rows[0], rows[-1] + 1))
+        except UserError:
+            damaged += [key for key, s in block if isinstance(s, int) and s // ROWS_PER_CHUNK == chunk]
+            continue
+        old_vectors |= {row: vectors[row - rows[0]] for row in rows}
+    if damaged:
+        raise DamagedRows(damaged)
+    return np.stack([old_vectors[s] if isinstance(s, int) else partial.vector(s) for _, s in block])
 
 
 def _throughput(images: int, seconds: float, previous: FeatureStore | None) -> float:
@@ -254,43 +316,44 @@ def _throughput(images: int, seconds: float, previous: FeatureStore | None) -> f
     return float(previous.attrs.get("throughput_img_s", 0.0)) if previous is not None else 0.0
 
 
-def _check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise UserError(f"cannot write to cache folder {folder} ({error.strerror}); pass CACHE=/a/writable/folder") from None
-
-
 def extract(settings: Settings) -> ExtractSummary:
     """Bring ``CACHE/<backbone>/features.h5`` up to date with ``DATA``; see the module docstring.
 
     Under torchrun each rank brings its own part file up to date and rank 0 joins the parts."""
     start = time.perf_counter()
+    backbone = get_backbone(settings.backbone)
+    rank = distributed.current()
+    device = resolve_device(distributed.local_device(settings.device, rank))
+    check_runtime(settings.runtime, device)
+    if settings.weights is not None:
+        check_weights(backbone, settings.weights)
     listing = scan_dataset(settings.data)
+    if not listing.splits["test"].entries:
+        raise UserError(f"{settings.data}/test has no images in class folders; put test images in test/<class>/ "
+                        f"(the report scores them)")
     if settings.augment > 0:
         listing.splits[AUGMENTED] = augmented_views(listing.splits["train"], settings.augment)
-    backbone = get_backbone(settings.backbone)
     expected = fingerprint(backbone, settings)
     folder = settings.backbone_dir()
-    _check_writable(folder)
-    rank = distributed.current()
-    device = distributed.local_device(settings.device, rank)
+    target = features_file(folder)
+    if target.exists() and not target.is_file():
+        raise UserError(f"{target} is not a regular file; remove it, then run `make features` again")
+    check_writable(folder)
     if not rank.distributed:
-        summary = _update(settings, listing, backbone, expected, features_file(folder), device, start)
+        summary = _update(settings, listing, backbone, expected, distributed.FeatureFiles(target), device)
     else:
         distributed.start(device)
         try:
-            part = distributed.part_file(folder, rank)
-            summary = _update(settings, distributed.shard(listing, rank), backbone, expected, part, device, start)
+            part = distributed.FeatureFiles(distributed.part_file(folder, rank), versioned=True)
+            summary = _update(settings, distributed.shard(listing, rank), backbone, expected, part, device)
             summary.seconds = time.perf_counter() - start
             print(f"rank {rank.rank}/{rank.world}: {summary.line()}")
-            extracted = sum(distributed.gather(summary.extracted))
+            gathered = distributed.gather((summary.extracted, summary.path.name))
             if rank.rank == 0:
-                joined = distributed.join(features_file(folder), rank.world, settings.merge)
-                summary = ExtractSummary(features_file(folder), extracted=extracted, up_to_date=not joined)
-                summary.describe_file()
+                joined = distributed.join(target, [folder / name for _, name in gathered], settings.merge)
+                summary = ExtractSummary(target, extracted=sum(n for n, _ in gathered), up_to_date=not joined)
+                with FeatureStore(target) as store:
+                    summary.describe(store)
             distributed.barrier()
         finally:
             distributed.stop()
@@ -298,64 +361,75 @@ def extract(settings: Settings) -> ExtractSummary:
     return summary
 
 
-def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, expected: dict, target: Path, device: str,
-            start: float) -> ExtractSummary:
-    """Bring one feature file (``features.h5`` or a rank's part) up to date with ``listing``."""
-    summary = ExtractSummary(target)
-    lock = target.with_suffix(".lock")
+def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, expected: dict,
+            location: distributed.FeatureFiles, device: torch.device) -> ExtractSummary:
+    """Bring one feature file (``features.h5``, or a rank's part) up to date."""
+    start = time.perf_counter()
+    base = location.base
+    lock = base.with_suffix(".lock")
     try:
-        with FileLock(lock, timeout=0):
-            previous = _previous(target, expected, settings.force)
-            partial = PartialRun(target.with_suffix(".partial"), expected)
+        with FileLock(lock, timeout=0), disk_full_as_user_error(base.parent, "features", " (finished chunks are kept)"):
+            summary = ExtractSummary(location.current() or base)
+            previous = _previous(location.current(), expected, settings.force)
+            partial = PartialRun(base.with_suffix(".partial"), expected)
             plan = _plan(listing, previous, partial.done)
-            summary.removed = plan.removed
+            if previous is not None and settings.verify:
+                _verify(listing, previous, plan)
+            summary.removed, summary.resumed = plan.removed, plan.resumed
             summary.reused = len(plan.old_rows) + len(plan.old_skips)
-            summary.resumed = plan.resumed
             if previous is not None and not (plan.todo or plan.removed or plan.resumed or plan.listing_changed):
-                previous.file.close()
-                partial.remove()
                 summary.up_to_date = True
-                summary.describe_file()
+                summary.describe(previous)
+                previous.close()
+                partial.remove()
                 return summary
-            plain = [key for key in plan.todo if key[0] != AUGMENTED]
-            views = [key for key in plan.todo if key[0] == AUGMENTED]
-            seconds = {}
-            if plan.todo:
-                torch_device = resolve_device(device)
-                forward = prepare(backbone, load_backbone(backbone, settings.weights), torch_device, settings.precision,
-                                  settings.runtime)
-                for name, keys in (("images", plain), ("views", views)):
+            if previous is not None and previous.attrs.get("data_root") != str(listing.root.resolve()):
+                print(f"features: DATA is now {listing.root.resolve()} (was {previous.attrs.get('data_root')}); "
+                      f"unchanged images keep their vectors")
+            target = location.new()
+            forward, seconds, extracted = None, {"images": 0.0, "views": 0.0}, {"images": 0, "views": 0}
+            while True:
+                if plan.todo and forward is None:
+                    forward = prepare(backbone, load_backbone(backbone, settings.weights), device, settings.precision,
+                                      settings.runtime)
+                for name, keys in (("images", [k for k in plan.todo if k.view == NO_VIEW]),
+                                   ("views", [k for k in plan.todo if k.view != NO_VIEW])):
                     started = time.perf_counter()
                     if keys:
-                        summary.backbone_seconds += _run_backbone(settings, backbone, listing, keys, partial, forward,
-                                                                  torch_device)
-                    seconds[name] = time.perf_counter() - started
-            summary.extracted = len(plan.todo)
-            attrs = {
-                **{k: v for k, v in expected.items() if k != "versions"},
-                "feature_dim": backbone.feature_dim,
-                "classes": listing.classes,
-                "versions": json.dumps(expected["versions"]),
-                "fingerprint": json.dumps(expected, sort_keys=True),
-                "data_root": str(listing.root.resolve()),
-                "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-                "images_extracted": len(plain),
-                "extraction_seconds": time.perf_counter() - start - seconds.get("views", 0.0),
-                "throughput_img_s": _throughput(len(plain), seconds.get("images", 0.0), previous),
-                "views_extracted": len(views),
-                "augment_seconds": seconds.get("views", 0.0),
-            }
-            _assemble(target, attrs, listing, plan, previous, partial, backbone.feature_dim,
-                      STORAGE_DTYPES[settings.storage], summary)
+                        summary.backbone_seconds += _run_backbone(settings, backbone, listing.root, keys, partial,
+                                                                  forward, device)
+                    seconds[name] += time.perf_counter() - started
+                    extracted[name] += len(keys)
+                summary.extracted += len(plan.todo)
+                plan.todo = []
+                attrs = {
+                    **{k: v for k, v in expected.items() if k != "versions"},
+                    "feature_dim": backbone.feature_dim,
+                    "classes": listing.classes,
+                    "versions": json.dumps(expected["versions"]),
+                    "fingerprint": json.dumps(expected, sort_keys=True),
+                    "data_root": str(listing.root.resolve()),
+                    "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+                    "images_extracted": extracted["images"],
+                    "extraction_seconds": time.perf_counter() - start - seconds["views"],
+                    "throughput_img_s": _throughput(extracted["images"], seconds["images"], previous),
+                    "views_extracted": extracted["views"],
+                    "augment_seconds": seconds["views"],
+                }
+                try:
+                    _assemble(target, attrs, listing, plan, previous, partial, backbone.feature_dim,
+                              STORAGE_DTYPES[settings.storage])
+                    break
+                except DamagedRows as damaged:
+                    print(f"features: {damaged}; extracting them again")
+                    plan.redo(damaged.keys)
+            summary.path, summary.repaired = target, plan.repaired
+            summary.reused = len(plan.old_rows) + len(plan.old_skips)
             if previous is not None:
-                previous.file.close()
+                previous.close()
+            with FeatureStore(target) as written:
+                summary.describe(written)
             partial.remove()
     except Timeout:
-        raise UserError(f"another `features` run is writing {target} (lock {lock}); wait for it to finish") from None
-    except OSError as error:
-        if error.errno == errno.ENOSPC or "No space left" in str(error):
-            raise UserError(
-                f"disk full while writing {target.parent}; free space and run `make features` again (finished chunks are kept)"
-            ) from None
-        raise
+        raise UserError(f"another `features` run is writing {base} (lock {lock}); wait for it to finish") from None
     return summary

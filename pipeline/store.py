@@ -1,99 +1,209 @@
 """The feature store: one HDF5 file per backbone, ``CACHE/<backbone>/features.h5``.
 
-Layout: one group per split (``train``, ``test``) with ``features`` [N, D] (chunked), ``labels`` [N],
-``paths`` [N] (relative to DATA), ``sizes``/``mtimes`` [N] (the file stamp each vector was made
-from) and ``skipped`` (path, reason, size, mtime of every file not turned into a vector). File
-attributes say what produced it (backbone, weights, transform, library versions) and that it is
-complete. A file is only ever written under a temporary name and renamed when complete, so
-``features.h5`` is either whole or absent.
+Layout: one group per split (``train``, ``test``, ``train_aug``) with ``features`` [N, D] (chunked, each
+chunk checksummed by HDF5's fletcher32 filter), and the index: ``paths`` [N] (relative to DATA, the file
+name's bytes as the file system gives them), ``views`` [N] (-1 for the image itself, k for augmented view
+k), ``labels``, ``sizes``/``mtimes`` (the file stamp each vector was made from), ``digests`` [N, 16]
+(blake2b of the file's bytes) and ``skipped`` (path, reason, size, mtime of every file not turned into a
+vector). File attributes say what produced it (backbone, weights, transform, library versions), that it
+is complete, and ``content_sha256``: a digest of every attribute and every index array, checked at open.
+
+So a damaged file is refused (readers) or rebuilt (``features``), never read as other numbers: damage to
+the index or attributes fails the digest at open; damage to the vectors fails a chunk's checksum when it
+is read. A file is only ever written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 
+from pipeline import faults
 from pipeline.errors import UserError
+from pipeline.images import DIGEST_BYTES, NO_VIEW
+from pipeline.files import fsync_dir
 
 FORMAT = "pipeline-features"
-FORMAT_VERSION = 1
-ROWS_PER_CHUNK = 1024
-BLOCK_ROWS = 4096  # rows read or written at a time when copying vectors between files
-_STR = h5py.string_dtype("utf-8")
+FORMAT_VERSION = 2
+ROWS_PER_CHUNK = 1024  # HDF5 chunk of the vectors: the unit of checksumming and of repair
+BLOCK_ROWS = 4 * ROWS_PER_CHUNK  # rows read or written at a time when copying vectors between files
+_BYTES = h5py.string_dtype("ascii")  # stores any bytes: file names are bytes, not always valid UTF-8
 
 
 def features_file(backbone_dir: Path) -> Path:
     return Path(backbone_dir) / "features.h5"
 
 
+def shown(path: str) -> str:
+    """A path as text anyone can print: bytes that are not UTF-8 appear as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+class ImageKey(NamedTuple):
+    """One version of one image (or of one augmented view of it): what a stored vector was made from."""
+
+    split: str
+    path: str
+    view: int
+    size: int
+    mtime_ns: int
+
+
 @dataclass(frozen=True)
 class SkipRecord:
-    """A file that produced no vector; size and mtime are -1 when it was never decoded."""
+    """A file (or one augmented view of it) that produced no vector; size and mtime are -1 when it was never decoded."""
 
     path: str
     reason: str
     size: int = -1
     mtime_ns: int = -1
+    view: int = NO_VIEW
 
 
 @dataclass
 class SplitIndex:
-    """Everything about a stored split except the vectors themselves."""
+    """Everything about a stored split except the vectors themselves; row i describes vector i."""
 
     paths: list[str]
+    views: np.ndarray
     labels: np.ndarray
     sizes: np.ndarray
     mtimes: np.ndarray
+    digests: np.ndarray
     skipped: list[SkipRecord]
+
+    @classmethod
+    def build(cls, rows: list[tuple[ImageKey, int, bytes]], skipped: list[SkipRecord]) -> SplitIndex:
+        """From ``(key, label, digest)`` rows, in order."""
+        return cls(
+            [k.path for k, _, _ in rows], np.array([k.view for k, _, _ in rows], dtype=np.int64),
+            np.array([label for _, label, _ in rows], dtype=np.int64), np.array([k.size for k, _, _ in rows], dtype=np.int64),
+            np.array([k.mtime_ns for k, _, _ in rows], dtype=np.int64),
+            np.frombuffer(b"".join(d for _, _, d in rows), dtype=np.uint8).reshape(len(rows), DIGEST_BYTES), skipped,
+        )
+
+    def keys(self, split: str) -> list[ImageKey]:
+        return [ImageKey(split, p, int(v), int(s), int(m))
+                for p, v, s, m in zip(self.paths, self.views.tolist(), self.sizes.tolist(), self.mtimes.tolist())]
+
+    def digest(self, split: str) -> bytes:
+        """A sha256 of this index, row by row, as the content digest's part for ``split``."""
+        h = hashlib.sha256(split.encode() + b"\0")
+        h.update(b"\0".join(os.fsencode(p) for p in self.paths) + b"\1")
+        for array in (self.views, self.labels, self.sizes, self.mtimes, self.digests):
+            h.update(np.ascontiguousarray(array).tobytes() + b"\1")
+        for s in self.skipped:
+            h.update(os.fsencode(s.path) + b"\0" + os.fsencode(s.reason) + f"\0{s.size}\0{s.mtime_ns}\0{s.view}\1".encode())
+        return h.digest()
+
+
+def _plain(value):
+    """An attribute as h5py returns it, as a JSON value."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return value
+
+
+def content_digest(attrs: h5py.AttributeManager, indexes: dict[str, SplitIndex], shapes: dict[str, tuple]) -> str:
+    """The digest over every attribute (but itself), and every split's index and vector shape and dtype."""
+    h = hashlib.sha256(json.dumps({k: _plain(v) for k, v in attrs.items() if k != "content_sha256"}, sort_keys=True).encode())
+    for split in sorted(indexes):
+        h.update(indexes[split].digest(split) + json.dumps(shapes[split]).encode())
+    return h.hexdigest()
 
 
 def _strings(dataset: h5py.Dataset) -> list[str]:
-    return [s.decode("utf-8") if isinstance(s, bytes) else s for s in dataset[()]]
+    return [os.fsdecode(s) if isinstance(s, bytes) else s for s in dataset[()]]
+
+
+def _damaged(path: Path, detail: object) -> UserError:
+    return UserError(f"{path} is damaged ({detail}); run `make features` to rebuild it (readers never use a damaged cache)")
 
 
 class FeatureStore:
-    """A complete, validated feature file opened for reading."""
+    """A complete feature file, opened for reading and checked whole: attributes and index against their digest,
+    and, for a joined file, each part against the version it was joined from."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         if not self.path.is_file():
+            if self.path.exists():
+                raise UserError(f"{self.path} is not a regular file; remove it, then run `make features`")
             raise UserError(f"no feature cache at {self.path}; run `make features` with the same BACKBONE and CACHE first")
         try:
             self.file = h5py.File(self.path, "r")
-            attrs = dict(self.file.attrs)
-        except OSError as error:
-            raise UserError(
-                f"{self.path} is not a readable HDF5 file ({error}); it is corrupted or truncated: delete it and run `make features` again"
-            ) from None
+        except Exception as error:  # noqa: BLE001 - HDF5 reports damage as many exception types
+            raise UserError(f"{self.path} is not a readable HDF5 file ({error}); it is corrupted or truncated: "
+                            f"delete it and run `make features` again") from None
+        try:
+            self._open()
+        except UserError:
+            self.file.close()
+            raise
+        except Exception as error:  # noqa: BLE001 - any damage to structure or content is one message
+            self.file.close()
+            raise _damaged(self.path, f"{type(error).__name__}: {error}") from None
+
+    def _open(self) -> None:
+        attrs = {k: _plain(v) for k, v in self.file.attrs.items()}
         if attrs.get("format") != FORMAT:
-            self.file.close()
             raise UserError(f"{self.path} is not a feature cache written by this pipeline; delete it or point CACHE elsewhere")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{self.path} was written in format {attrs.get('format_version')}, this version reads "
+                            f"{FORMAT_VERSION}; run `make features` to rebuild it")
         if not attrs.get("complete", False):
-            self.file.close()
             raise UserError(f"{self.path} is incomplete; run `make features` to finish it")
         self.attrs = attrs
-        self._check_virtual_sources()
+        self.fingerprint = json.loads(attrs["fingerprint"])
+        self._indexes = {split: self._read_index(split) for split in self.file}
+        shapes = {split: [*self.file[split]["features"].shape, str(self.file[split]["features"].dtype)] for split in self.file}
+        if content_digest(self.file.attrs, self._indexes, shapes) != attrs.get("content_sha256"):
+            raise _damaged(self.path, "its index or attributes do not match their digest")
+        if any(len(i.paths) != shapes[s][0] for s, i in self._indexes.items()):
+            raise _damaged(self.path, "index and vectors differ in length")
+        self._check_parts()
 
-    def _check_virtual_sources(self) -> None:
-        """A joined file reads its vectors from part files; a missing part would read as NaN, so refuse it."""
-        for split in self.file:
-            features = self.file[split].get("features")
-            if features is not None and features.is_virtual:
-                for source in features.virtual_sources():
-                    if not (self.path.parent / source.file_name).is_file():
-                        self.file.close()
-                        raise UserError(f"{self.path} joins part files and {source.file_name} is missing beside it; "
-                                        f"run `make features` again (with NPROC, or --merge to make one plain file)")
+    def _read_index(self, split: str) -> SplitIndex:
+        group, skipped = self.file[split], self.file[split]["skipped"]
+        return SplitIndex(
+            _strings(group["paths"]), group["views"][()], group["labels"][()], group["sizes"][()], group["mtimes"][()],
+            group["digests"][()],
+            [SkipRecord(p, r, int(s), int(m), int(v)) for p, r, s, m, v in zip(
+                _strings(skipped["paths"]), _strings(skipped["reasons"]), skipped["sizes"][()], skipped["mtimes"][()],
+                skipped["views"][()])],
+        )
+
+    def _check_parts(self) -> None:
+        """A joined file reads its vectors from part files: each must be the very version it was joined from."""
+        for name, digest in json.loads(self.attrs.get("parts", "[]")):
+            part = self.path.parent / name
+            try:
+                with h5py.File(part, "r") as f:
+                    current = _plain(f.attrs.get("content_sha256"))
+            except (OSError, ValueError):
+                current = None
+            if current != digest:
+                raise UserError(f"{self.path} joins part file {name}, which is missing or has changed since the join; "
+                                f"run `make features` again (with the same NPROC, or --merge for one plain file)")
 
     def __enter__(self) -> FeatureStore:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.file.close()
 
     @property
@@ -109,56 +219,99 @@ class FeatureStore:
         return int(self.attrs["feature_dim"])
 
     @property
-    def fingerprint(self) -> dict:
-        return json.loads(self.attrs["fingerprint"])
-
-    @property
     def splits(self) -> list[str]:
-        return list(self.file.keys())
-
-    def _read(self, split: str, name: str):
-        try:
-            return self.file[split][name]
-        except (KeyError, OSError) as error:
-            raise UserError(f"{self.path} is damaged: cannot read {split}/{name} ({error}); delete it and run `make features` again") from None
+        """Train, test, then the augmented views."""
+        return sorted(self._indexes, key=lambda split: (split != "train", split != "test", split))
 
     def index(self, split: str) -> SplitIndex:
-        skipped = self._read(split, "skipped")
-        try:
-            return SplitIndex(
-                paths=_strings(self._read(split, "paths")),
-                labels=self._read(split, "labels")[()],
-                sizes=self._read(split, "sizes")[()],
-                mtimes=self._read(split, "mtimes")[()],
-                skipped=[
-                    SkipRecord(p, r, int(s), int(m))
-                    for p, r, s, m in zip(_strings(skipped["paths"]), _strings(skipped["reasons"]), skipped["sizes"][()], skipped["mtimes"][()])
-                ],
-            )
-        except OSError as error:
-            raise UserError(f"{self.path} is damaged ({error}); delete it and run `make features` again") from None
+        return self._indexes[split]
 
     def features(self, split: str, rows: slice = slice(None)) -> np.ndarray:
+        """Vectors as float32; a chunk whose checksum fails, or a joined part that vanished, is a ``UserError``."""
+        dataset = self.file[split]["features"]
         try:
-            return np.asarray(self._read(split, "features")[rows], dtype=np.float32)
-        except OSError as error:
-            raise UserError(f"{self.path} is damaged ({error}); delete it and run `make features` again") from None
+            vectors = np.asarray(dataset[rows], dtype=np.float32)
+        except Exception as error:  # noqa: BLE001 - h5py reports a failed checksum as OSError, damage as others
+            raise _damaged(self.path, f"{split} vectors: {error}") from None
+        if dataset.is_virtual and np.isnan(vectors).any():  # a part removed after this file was opened reads as NaN
+            raise UserError(f"a part file of {self.path} was replaced while reading; run the command again")
+        return vectors
 
     def labels(self, split: str) -> np.ndarray:
-        return self._read(split, "labels")[()]
+        return self._indexes[split].labels
 
     def paths(self, split: str) -> list[str]:
-        return _strings(self._read(split, "paths"))
+        return self._indexes[split].paths
+
+
+class _WriteGuard:
+    """The file HDF5 writes through (h5py's ``fileobj`` driver). The first failed write (a full disk) is kept and
+    the writes after it are dropped, so HDF5 finishes its file cleanly and ``StoreWriter`` raises the error itself:
+    HDF5's own write-error path leaves the library in a state that crashes the process later."""
+
+    def __init__(self, path: Path):
+        self.raw = open(path, "w+b")
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if self.error is None:
+            try:
+                self.raw.write(data)
+            except OSError as error:
+                self.error = error
+        return size
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self.raw.truncate(size)
+            except OSError as error:
+                self.error = error
+        return size if size is not None else self.raw.tell()
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.raw.flush()
+            except OSError as error:
+                self.error = error
+
+    def read(self, size: int = -1) -> bytes:
+        return self.raw.read(size)
+
+    def readinto(self, buffer) -> int:
+        return self.raw.readinto(buffer)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def close(self) -> None:
+        """Flush and fsync; the first write error, if any, is raised here."""
+        try:
+            self.flush()
+            if self.error is None:
+                os.fsync(self.raw.fileno())
+        finally:
+            self.raw.close()
+        if self.error is not None:
+            raise self.error
 
 
 class StoreWriter:
-    """Writes a feature file under ``<name>.tmp``; ``commit()`` marks it complete and renames it into place."""
+    """Writes a feature file under ``<name>.tmp``; ``commit()`` marks it complete, seals its digest and renames it
+    into place. Leaving the ``with`` block on an error (a full disk included) removes the temporary file."""
 
     def __init__(self, path: Path, attrs: dict):
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.file = h5py.File(self.tmp, "w")
+        self.guard = _WriteGuard(self.tmp)
+        self.file = h5py.File(self.guard, "w")
         self.file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False, **attrs})
+        self.indexes: dict[str, SplitIndex] = {}
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -171,8 +324,8 @@ class StoreWriter:
         """Create a split's datasets from its index; returns the empty ``features`` dataset to fill."""
         group = self._add_index(name, index)
         n = len(index.paths)
-        chunks = (max(1, min(n, ROWS_PER_CHUNK)), feature_dim)
-        return group.create_dataset("features", shape=(n, feature_dim), dtype=dtype, chunks=chunks)
+        return group.create_dataset("features", shape=(n, feature_dim), maxshape=(None, feature_dim), dtype=dtype,
+                                    chunks=(max(1, min(n, ROWS_PER_CHUNK)), feature_dim), fletcher32=True)
 
     def add_virtual_split(self, name: str, index: SplitIndex, feature_dim: int, dtype, sources: list[tuple[str, int]]) -> None:
         """A split whose ``features`` are a virtual dataset over other files' (name relative to this file, rows)."""
@@ -186,26 +339,33 @@ class StoreWriter:
         group.create_virtual_dataset("features", layout, fillvalue=np.nan)
 
     def _add_index(self, name: str, index: SplitIndex) -> h5py.Group:
+        self.indexes[name] = index
         group = self.file.create_group(name)
-        group.create_dataset("paths", data=np.array(index.paths, dtype=object), dtype=_STR)
-        group.create_dataset("labels", data=np.asarray(index.labels, dtype=np.int64))
-        group.create_dataset("sizes", data=np.asarray(index.sizes, dtype=np.int64))
-        group.create_dataset("mtimes", data=np.asarray(index.mtimes, dtype=np.int64))
+        group.create_dataset("paths", data=np.array([os.fsencode(p) for p in index.paths], dtype=object), dtype=_BYTES)
+        for array in ("views", "labels", "sizes", "mtimes"):
+            group.create_dataset(array, data=np.asarray(getattr(index, array), dtype=np.int64))
+        group.create_dataset("digests", data=np.asarray(index.digests, dtype=np.uint8).reshape(-1, DIGEST_BYTES))
         skipped = group.create_group("skipped")
-        skipped.create_dataset("paths", data=np.array([s.path for s in index.skipped], dtype=object), dtype=_STR)
-        skipped.create_dataset("reasons", data=np.array([s.reason for s in index.skipped], dtype=object), dtype=_STR)
+        skipped.create_dataset("paths", data=np.array([os.fsencode(s.path) for s in index.skipped], dtype=object), dtype=_BYTES)
+        skipped.create_dataset("reasons", data=np.array([os.fsencode(s.reason) for s in index.skipped], dtype=object), dtype=_BYTES)
         skipped.create_dataset("sizes", data=np.array([s.size for s in index.skipped], dtype=np.int64))
         skipped.create_dataset("mtimes", data=np.array([s.mtime_ns for s in index.skipped], dtype=np.int64))
+        skipped.create_dataset("views", data=np.array([s.view for s in index.skipped], dtype=np.int64))
         return group
 
     def commit(self) -> None:
         self.file.attrs["complete"] = True
+        shapes = {s: [*self.file[s]["features"].shape, str(self.file[s]["features"].dtype)] for s in self.indexes}
+        self.file.attrs["content_sha256"] = content_digest(self.file.attrs, self.indexes, shapes)
         self.file.close()
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
+        self.guard.close()
+        faults.reached("store-before-rename")
         os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        faults.reached("store-after-rename")
 
     def abort(self) -> None:
         if self.file.id.valid:
             self.file.close()
+        self.guard.raw.close()
         self.tmp.unlink(missing_ok=True)

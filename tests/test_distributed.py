@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from conftest import REPO, make_images, run_cli, run_cli_process
 
 LITE = ("--backbone", "efficientnet_lite0")
+pytestmark = pytest.mark.slow
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 
 
@@ -81,16 +83,18 @@ def test_two_ranks_join_into_the_single_process_file_and_train_the_same_head(dat
     merged = torchrun("--data", data, "--cache", cache, *LITE, "--merge")
     assert merged.wait(timeout=300) == 0
     assert not vectors(cache, "train")[3]  # one plain file now
-    (cache / "efficientnet_lite0" / "features.part-1-of-2.h5").unlink()
+    for part in (cache / "efficientnet_lite0").glob("features.part-1-of-2.*.h5"):
+        part.unlink()
     assert run_cli("train-head", "--cache", cache, *LITE, "--epochs", "1") == 0  # needs no part
 
 
 def test_a_missing_part_is_refused_not_read_as_zeros(data, tmp_path):
     cache = tmp_path / "cache"
     assert torchrun("--data", data, "--cache", cache, *LITE).wait(timeout=300) == 0
-    (cache / "efficientnet_lite0" / "features.part-1-of-2.h5").unlink()
+    [part] = (cache / "efficientnet_lite0").glob("features.part-1-of-2.*.h5")
+    part.unlink()
     result = run_cli_process("train-head", "--cache", cache, *LITE)
-    assert result.returncode == 2 and "features.part-1-of-2.h5 is missing" in result.stderr
+    assert result.returncode == 2 and f"joins part file {part.name}, which is missing" in result.stderr
 
 
 def test_a_killed_rank_resumes_from_its_chunks(data, single, tmp_path):
@@ -100,7 +104,7 @@ def test_a_killed_rank_resumes_from_its_chunks(data, single, tmp_path):
     process = torchrun(*args, env=env)
     partial = cache / "efficientnet_lite0" / "features.part-1-of-2.partial"
     deadline = time.time() + 180
-    while len(list(partial.glob("chunk-*.npz"))) < 2:
+    while len(list(partial.glob("*/chunk-*.npz"))) < 2:
         assert process.poll() is None and time.time() < deadline, "rank 1 finished before it could be killed"
         time.sleep(0.05)
     pid = _rank_pid(1)
@@ -117,3 +121,34 @@ def test_a_killed_rank_resumes_from_its_chunks(data, single, tmp_path):
     s_paths, _, s_features, _ = vectors(single, "train")
     assert paths == s_paths
     np.testing.assert_allclose(features, s_features, rtol=1e-4, atol=1e-5)
+
+
+def test_a_join_reads_only_the_part_versions_it_was_built_from(data, single, tmp_path):
+    """Rank 0 killed right after it renamed its new part into place: the old join still reads exactly the old
+    vectors (it names the versions it joined), and the next run joins the new ones."""
+    cache = tmp_path / "cache"
+    grown = tmp_path / "data"
+    shutil.copytree(data, grown)
+    assert torchrun("--data", grown, "--cache", cache, *LITE).wait(timeout=300) == 0
+    before = {s: vectors(cache, s) for s in ("train", "test")}
+    for i in range(6):
+        shutil.copy(grown / "train/dog/dog0.png", grown / f"train/cat/added{i}.png")
+    killed = torchrun("--data", grown, "--cache", cache, *LITE, env={**os.environ, "PIPELINE_KILL_AT": "store-after-rename@0"})
+    out, _ = killed.communicate(timeout=300)
+    assert killed.returncode != 0, out
+    for split in ("train", "test"):
+        paths, labels, features, _ = vectors(cache, split)
+        assert paths == before[split][0]
+        np.testing.assert_array_equal(features, before[split][2])
+    assert run_cli("train-head", "--cache", cache, *LITE, "--epochs", "1") == 0
+    again = torchrun("--data", grown, "--cache", cache, *LITE)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    paths, _, features, _ = vectors(cache, "train")
+    assert len(paths) == len(before["train"][0]) + 6 and not np.isnan(features).any()
+    reference = tmp_path / "reference"
+    assert run_cli("features", "--data", grown, "--cache", reference, *LITE) == 0
+    r_paths, _, r_features, _ = vectors(reference, "train")
+    assert paths == r_paths
+    np.testing.assert_allclose(features, r_features, rtol=1e-4, atol=1e-5)
+    assert len(list((cache / "efficientnet_lite0").glob("features.part-*.h5"))) == 2  # old versions removed

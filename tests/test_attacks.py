@@ -1,0 +1,331 @@
+"""The cache under attack: bad settings never cost work, damaged bytes are never read as numbers, odd names and
+moved data work, and a process killed at any named point resumes to the file an uninterrupted run makes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, make_images, run_cli, run_cli_process
+from pipeline.config import Settings
+from pipeline.errors import UserError
+from pipeline.extract import extract
+from pipeline.store import FeatureStore, features_file, shown
+
+LITE = ("--backbone", "efficientnet_lite0")
+
+
+def settings(data, cache, **kwargs) -> Settings:
+    return Settings(data=data, cache=cache, backbone="efficientnet_lite0", **kwargs)
+
+
+def snapshot(cache) -> dict[str, dict[tuple[str, int], np.ndarray]]:
+    """Every stored vector by split, (path, view), read through the store (so checked)."""
+    with FeatureStore(features_file(cache / "efficientnet_lite0")) as store:
+        return {split: {(p, int(v)): x for p, v, x in zip(store.paths(split), store.index(split).views, store.features(split))}
+                for split in store.splits}
+
+
+def assert_same_vectors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for split in a:
+        assert list(a[split]) == list(b[split])
+        np.testing.assert_allclose(np.stack(list(a[split].values())), np.stack(list(b[split].values())), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """Data with 40 + 10 images per class and its uninterrupted cache, to compare every resumed run against."""
+    root = tmp_path_factory.mktemp("attacks")
+    data = make_images(root / "data", {"train": 40, "test": 10})
+    cache = root / "clean"
+    extract(settings(data, cache, chunk_size=8, batch_size=4, workers=0))
+    return data, cache
+
+
+# -- settings: one place checks them all, before anything on disk is touched -------------------------------------
+
+@pytest.mark.parametrize("name, value, problem", [
+    ("lr", 0.0, "--lr must be a number above 0"), ("lr", float("nan"), "--lr must be a number above 0"),
+    ("lr", -1.0, "--lr must be a number above 0"), ("seed", -1, "--seed must be a number at least 0"),
+    ("precision", "fp322", "--precision 'fp322' is not one of"), ("runtime", "torchh", "--runtime 'torchh' is not one of"),
+    ("format", "xml", "--format 'xml' is not one of"), ("dropout", 1.0, "--dropout must be"), ("backbones", " ", "--backbones is empty"),
+    ("val_fraction", 1.5, "--val-fraction must be"), ("workers", -2, "--workers must be"),
+])
+def test_an_invalid_setting_cannot_exist(name, value, problem):
+    with pytest.raises(UserError, match=problem):
+        Settings(**{name: value})
+
+
+def test_a_bad_flag_is_one_line_and_exit_2_before_any_work(tmp_path, tiny_data):
+    for flags in (["--precision", "fp322"], ["--lr", "0"], ["--seed", "-1"], ["--weights", tmp_path]):
+        command = "train-head" if flags[0] in ("--lr", "--seed") else "features"
+        result = run_cli_process(command, "--data", tiny_data, "--cache", tmp_path / "cache", *LITE, *flags)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "cache").exists()
+
+
+def _kill_at(point: str, args, env=None) -> subprocess.CompletedProcess:
+    result = run_cli_process(*args, env={"PIPELINE_KILL_AT": point, **(env or {})})
+    assert result.returncode == -9, f"not killed at {point}: {result.stdout} {result.stderr}"
+    return result
+
+
+def _chunk_files(cache) -> list[str]:
+    return sorted(p.name for p in (cache / "efficientnet_lite0" / "features.partial").glob("*/chunk-*.npz"))
+
+
+def test_bad_settings_after_an_interrupted_run_keep_its_chunks(clean, tmp_path):
+    data, clean_cache = clean
+    cache = tmp_path / "cache"
+    args = ["features", "--data", data, "--cache", cache, *LITE, "--batch-size", "4", "--chunk-size", "8", "--workers", "0"]
+    _kill_at("chunk-after-rename:5", args)
+    assert len(_chunk_files(cache)) == 5
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a state dict")
+    wrong = tmp_path / "resnet.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
+    for flags in (["--precision", "fp322"], ["--runtime", "torchh"], ["--weights", garbage], ["--weights", wrong],
+                  ["--runtime", "openvino", "--device", "cuda"], ["--device", "cuda:7"]):
+        result = run_cli_process(*args, *flags)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, (flags, result.stderr)
+        assert "changed" not in result.stdout and len(_chunk_files(cache)) == 5, flags
+    summary = extract(settings(data, cache, chunk_size=8, batch_size=4, workers=0))
+    assert summary.resumed == 40 and summary.extracted == 60
+    assert_same_vectors(snapshot(cache), snapshot(clean_cache))
+
+
+def test_a_run_with_other_settings_does_not_delete_an_interrupted_runs_chunks(clean, tmp_path):
+    data, _ = clean
+    cache = tmp_path / "cache"
+    args = ["features", "--data", data, "--cache", cache, *LITE, "--batch-size", "4", "--chunk-size", "8", "--workers", "0"]
+    _kill_at("chunk-after-rename:3", args)
+    _kill_at("chunk-after-rename:2", [*args, "--storage", "float16"])  # another fingerprint, interrupted too
+    assert len(_chunk_files(cache)) == 5  # both runs' chunks, each under its own fingerprint
+    assert extract(settings(data, cache, chunk_size=8, batch_size=4, workers=0)).resumed == 24
+
+
+# -- SIGKILL at every named point, then resume: the file an uninterrupted run makes -------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["chunk-before-rename:2", "chunk-after-rename:2", "assembly", "store-before-rename",
+                                   "store-after-rename", "partial-removal:2"])
+def test_killed_at_any_point_a_rerun_gives_the_uninterrupted_file(clean, tmp_path, point):
+    data, clean_cache = clean
+    cache = tmp_path / "cache"
+    args = ["features", "--data", data, "--cache", cache, *LITE, "--batch-size", "4", "--chunk-size", "8", "--workers", "0"]
+    _kill_at(point, args)
+    target = features_file(cache / "efficientnet_lite0")
+    if target.exists():  # killed after the rename: the file is whole already
+        assert_same_vectors(snapshot(cache), snapshot(clean_cache))
+    resumed = run_cli_process(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_vectors(snapshot(cache), snapshot(clean_cache))
+    assert not (cache / "efficientnet_lite0" / "features.partial").exists()
+    assert not list((cache / "efficientnet_lite0").glob("*.tmp"))
+
+
+# -- flipped bits: a rebuild, a repair or a one-line refusal, never other numbers and never a traceback -----------
+
+def _flip(path, offset: int, bit: int = 0) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ (1 << bit)]))
+
+
+def _vector_offset(path, split="train") -> int:
+    with h5py.File(path) as f:
+        return f[split]["features"].id.get_chunk_info(0).byte_offset
+
+
+def test_a_flipped_vector_is_refused_by_readers_and_repaired_by_verify(clean, tmp_path, capsys):
+    data, clean_cache = clean
+    cache = tmp_path / "cache"
+    shutil.copytree(clean_cache, cache)
+    target = features_file(cache / "efficientnet_lite0")
+    _flip(target, _vector_offset(target) + 4 * 1280 * 3 + 2, bit=6)
+    result = run_cli_process("train-head", "--cache", cache, *LITE)
+    assert result.returncode == 2 and "damaged" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert extract(settings(data, cache)).up_to_date  # a no-op reads no vectors: only --verify reads them all
+    repaired = extract(settings(data, cache, verify=True))
+    assert repaired.repaired == 80 and repaired.extracted == 80  # the damaged HDF5 chunk: every train row in it
+    assert_same_vectors(snapshot(cache), snapshot(clean_cache))
+    assert run_cli("train-head", "--cache", cache, *LITE, "--epochs", "1") == 0
+
+
+def test_a_stored_vector_that_fails_its_checksum_while_copied_is_redone(clean, tmp_path):
+    data, clean_cache = clean
+    cache = tmp_path / "cache"
+    shutil.copytree(clean_cache, cache)
+    target = features_file(cache / "efficientnet_lite0")
+    _flip(target, _vector_offset(target, "test") + 7, bit=3)
+    Image.new("RGB", (40, 32), (250, 250, 250)).save(data / "train" / "cat" / "added.png")
+    try:
+        summary = extract(settings(data, cache))
+    finally:
+        (data / "train" / "cat" / "added.png").unlink()
+    assert summary.repaired == 20 and summary.extracted == 21
+    clean_vectors, vectors = snapshot(clean_cache), snapshot(cache)
+    assert_same_vectors({"test": vectors["test"]}, {"test": clean_vectors["test"]})
+
+
+def test_random_byte_flips_are_refused_or_harmless_never_silent(clean, tmp_path):
+    """300 flips anywhere in the file: opening and reading everything either raises UserError or gives the
+    original content exactly."""
+    _, clean_cache = clean
+    original = features_file(clean_cache / "efficientnet_lite0")
+    reference = snapshot(clean_cache)
+    size = original.stat().st_size
+    rng = np.random.default_rng(0)
+    outcomes = {"refused": 0, "same": 0}
+    damaged = tmp_path / "efficientnet_lite0" / "features.h5"
+    damaged.parent.mkdir()
+    for offset, bit in zip(rng.integers(0, size, 300), rng.integers(0, 8, 300)):
+        shutil.copy(original, damaged)
+        _flip(damaged, int(offset), int(bit))
+        try:
+            content = snapshot(tmp_path)
+        except UserError:
+            outcomes["refused"] += 1
+            continue
+        assert content.keys() == reference.keys(), offset
+        for split in content:
+            assert list(content[split]) == list(reference[split]), offset
+            np.testing.assert_array_equal(np.stack(list(content[split].values())), np.stack(list(reference[split].values())))
+        outcomes["same"] += 1
+    assert outcomes["refused"] > 0 and sum(outcomes.values()) == 300
+
+
+@pytest.mark.slow
+def test_after_random_flips_features_rebuilds_and_stage_two_refuses_in_one_line(clean, tmp_path):
+    data, clean_cache = clean
+    rng = np.random.default_rng(1)
+    original = features_file(clean_cache / "efficientnet_lite0")
+    for trial in range(4):
+        cache = tmp_path / f"cache{trial}"
+        shutil.copytree(clean_cache, cache)
+        target = features_file(cache / "efficientnet_lite0")
+        _flip(target, int(rng.integers(0, 4096)), int(rng.integers(0, 8)))  # the superblock and the index
+        stage_two = run_cli_process("train-head", "--cache", cache, *LITE, "--epochs", "1")
+        assert stage_two.returncode in (0, 2) and "Traceback" not in stage_two.stderr
+        assert stage_two.returncode == 0 or len(stage_two.stderr.strip().splitlines()) == 1
+        summary = extract(settings(data, cache))
+        assert_same_vectors(snapshot(cache), snapshot(clean_cache))
+        assert summary.up_to_date or summary.extracted in (0, 100), summary
+
+
+def test_a_chunk_with_a_bad_crc_is_redone(clean, tmp_path):
+    data, clean_cache = clean
+    cache = tmp_path / "cache"
+    args = ["features", "--data", data, "--cache", cache, *LITE, "--batch-size", "4", "--chunk-size", "8", "--workers", "0"]
+    _kill_at("chunk-after-rename:3", args)
+    chunk = sorted((cache / "efficientnet_lite0" / "features.partial").glob("*/chunk-000001.npz"))[0]
+    _flip(chunk, chunk.stat().st_size // 2)
+    summary = extract(settings(data, cache, chunk_size=8, batch_size=4, workers=0))
+    assert summary.resumed == 16 and summary.extracted == 84
+    assert_same_vectors(snapshot(cache), snapshot(clean_cache))
+
+
+# -- odd inputs: names, moved data, in-place edits, empty splits, a folder where the file should be ---------------
+
+def test_names_with_invalid_utf8_and_hash_signs_are_stored_as_they_are(tmp_path):
+    data = make_images(tmp_path / "data", {"train": 3, "test": 1})
+    cat = data / "train" / "cat"
+    odd = [os.fsencode(cat) + b"/caf\xe9.png", os.fsencode(cat / "cat0.png#aug0.png"), os.fsencode(cat / "photo #august.png")]
+    for name in odd:
+        shutil.copy(cat / "cat0.png", os.fsdecode(name))
+    (cat / "trip#aug").mkdir()
+    shutil.copy(cat / "cat1.png", cat / "trip#aug" / "x.png")
+    summary = extract(settings(data, tmp_path / "cache"))
+    assert summary.skipped == [] and summary.images["train"] == 10
+    paths = snapshot(tmp_path / "cache")["train"]
+    expected = {os.fsdecode(n).split("/data/", 1)[1] for n in odd} | {"train/cat/trip#aug/x.png"}
+    assert {(p, -1) for p in expected} <= set(paths)
+    np.testing.assert_allclose(paths[("train/cat/cat0.png#aug0.png", -1)], paths[("train/cat/cat0.png", -1)], rtol=1e-5, atol=1e-6)
+    assert shown("train/cat/caf\udce9.png") == "train/cat/caf\\xe9.png"  # how summaries and reports print it
+    assert extract(settings(data, tmp_path / "cache")).up_to_date
+
+
+def test_a_moved_dataset_keeps_its_vectors_and_records_the_new_root(clean, tmp_path):
+    data, clean_cache = clean
+    cache = tmp_path / "cache"
+    shutil.copytree(clean_cache, cache)
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)  # copy2: same sizes and mtimes, like cp -a
+    summary = extract(settings(moved, cache))
+    assert summary.extracted == 0 and summary.reused == 100 and not summary.up_to_date
+    with FeatureStore(features_file(cache / "efficientnet_lite0")) as store:
+        assert store.attrs["data_root"] == str(moved.resolve())
+    assert run_cli("train-head", "--data", moved, "--cache", cache, *LITE, "--epochs", "1") == 0
+    assert extract(settings(moved, cache)).up_to_date
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_found_by_verify(tmp_path, tiny_data):
+    cache = tmp_path / "cache"
+    image = tiny_data / "train" / "dog" / "fixed.bmp"  # uncompressed: new pixels, same size
+    Image.new("RGB", (40, 32), (40, 60, 200)).save(image)
+    extract(settings(tiny_data, cache))
+    stamp = image.stat()
+    Image.new("RGB", (40, 32), (200, 60, 40)).save(image)
+    os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert image.stat().st_size == stamp.st_size
+    before = snapshot(cache)["train"][("train/dog/fixed.bmp", -1)]
+    assert extract(settings(tiny_data, cache)).up_to_date  # documented: size and mtime alone cannot see it
+    verified = extract(settings(tiny_data, cache, verify=True))
+    assert verified.repaired == 1 and verified.extracted == 1
+    assert not np.allclose(snapshot(cache)["train"][("train/dog/fixed.bmp", -1)], before)
+
+
+def test_a_split_whose_images_are_all_bad_is_stored_empty(tmp_path):
+    data = make_images(tmp_path / "data", {"train": 3})
+    (data / "test" / "cat").mkdir(parents=True)
+    (data / "test" / "cat" / "bad.jpg").write_bytes(b"not a jpeg")
+    summary = extract(settings(data, tmp_path / "cache"))
+    assert summary.images == {"train": 6, "test": 0} and [r.path for _, r in summary.skipped] == ["test/cat/bad.jpg"]
+    assert extract(settings(data, tmp_path / "cache")).up_to_date
+
+
+def test_a_test_split_without_class_folders_is_refused_before_any_work(tmp_path):
+    data = make_images(tmp_path / "data", {"train": 3})
+    (data / "test").mkdir()
+    with pytest.raises(UserError, match="test has no images"):
+        extract(settings(data, tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_folder_where_the_feature_file_should_be_is_refused_before_any_work(tmp_path, tiny_data):
+    features_file(tmp_path / "cache" / "efficientnet_lite0").mkdir(parents=True)
+    with pytest.raises(UserError, match="is not a regular file"):
+        extract(settings(tiny_data, tmp_path / "cache"))
+    assert not (tmp_path / "cache" / "efficientnet_lite0" / "features.partial").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 700 KiB tmpfs: big enough for the chunks, too small for the assembled file beside them."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_disk_that_fills_during_assembly_is_one_line_and_leaves_no_temporary(clean, small_disk):
+    data, _ = clean
+    result = subprocess.run([sys.executable, "-m", "pipeline", "features", "--data", str(data), "--cache", str(small_disk),
+                             *LITE, "--chunk-size", "8"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "disk full" in result.stderr and "Traceback" not in result.stderr
+    assert not list(small_disk.rglob("*.tmp")) and not (small_disk / "efficientnet_lite0" / "features.h5").exists()
