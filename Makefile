@@ -8,7 +8,7 @@ flag = $(if $($(1)),--$(2) "$($(1))")
 LOCATION = $(call flag,CACHE,cache) $(call flag,BACKBONE,backbone)
 FEATURE_FLAGS = $(call flag,DATA,data) $(LOCATION) $(call flag,DEVICE,device) $(call flag,WEIGHTS,weights) \
 	$(call flag,PRECISION,precision) $(call flag,RUNTIME,runtime) $(call flag,STORAGE,storage) \
-	$(call flag,BATCH_SIZE,batch-size) $(call flag,WORKERS,workers) $(call flag,AUGMENT,augment) $(if $(FORCE),--force) $(if $(MERGE),--merge)
+	$(call flag,BATCH_SIZE,batch-size) $(call flag,WORKERS,workers) $(call flag,AUGMENT,augment) $(if $(FORCE),--force) $(if $(VERIFY),--verify) $(if $(MERGE),--merge)
 HEAD_FLAGS = $(call flag,DATA,data) $(LOCATION) $(call flag,SEED,seed) $(call flag,EPOCHS,epochs)
 REPORT_FLAGS = $(call flag,DATA,data) $(LOCATION)
 PREDICT_FLAGS = $(LOCATION) $(call flag,DEVICE,device) $(call flag,WEIGHTS,weights) $(call flag,PRECISION,precision) \
@@ -18,7 +18,7 @@ PREDICT_FLAGS = $(LOCATION) $(call flag,DEVICE,device) $(call flag,WEIGHTS,weigh
 
 help: ## list targets and variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: DATA BACKBONE CACHE DEVICE WEIGHTS SEED EPOCHS PRECISION RUNTIME STORAGE BATCH_SIZE WORKERS FORCE=1 AUGMENT NPROC MERGE=1 IMAGES MODEL TOP_K FORMAT BACKBONES (defaults: pipeline/config.py)"
+	@echo "  variables: DATA BACKBONE CACHE DEVICE WEIGHTS SEED EPOCHS PRECISION RUNTIME STORAGE BATCH_SIZE WORKERS FORCE=1 VERIFY=1 AUGMENT NPROC MERGE=1 IMAGES MODEL TOP_K FORMAT BACKBONES (defaults: pipeline/config.py)"
 
 install: ## create .venv and install the package with its dev extra
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV)

@@ -16,6 +16,7 @@ from pipeline.extract import extract
 from pipeline.predict import predict
 from pipeline.predict import render as render_predictions
 from pipeline.report import report
+from pipeline.store import shown
 from pipeline.train import train
 
 STAGE_ONE = ["data", "cache", "backbone", "weights", "device", "precision", "runtime", "storage", "batch_size", "workers",
@@ -47,7 +48,7 @@ def _run_predict(settings: Settings, data: Path | None, images: list[Path]) -> N
     if settings.format != "text":
         for p in predictions:
             if p.skipped:
-                print(f"skipped {p.path}: {p.skipped}", file=sys.stderr)
+                print(f"skipped {shown(p.path)}: {p.skipped}", file=sys.stderr)
 
 
 def _list_backbones(settings: Settings, data: Path | None) -> None:

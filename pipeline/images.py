@@ -180,9 +180,20 @@ def _class_folders(split_dir: Path) -> tuple[list[str], list[Skipped]]:
             skipped.append(Skipped(rel, "file outside any class folder"))
         elif _is_hidden(entry.name):
             skipped.append(Skipped(rel + "/", "hidden folder, not a class"))
+        elif not entry.name.isprintable() or not _is_utf8(entry.name):
+            raise UserError(f"class folder {os.fsencode(split_dir / entry.name)!r} is not a printable UTF-8 name; rename it "
+                            f"(class names appear in heads, reports and predictions)")
         else:
             classes.append(entry.name)
     return classes, skipped
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _scan_class(root: Path, split: str, name: str, label: int) -> tuple[list[ImageEntry], list[Skipped]]:

@@ -18,6 +18,7 @@ from pipeline.config import Settings, check_value
 from pipeline.errors import UserError
 from pipeline.images import NO_VIEW, BadImage, ImageFiles, Skipped, collate_good, image_stat, walk_folder
 from pipeline.inference import prepare, resolve_device
+from pipeline.store import shown
 from pipeline.train import load_trained
 
 
@@ -115,10 +116,10 @@ def render(predictions: list[Prediction], format: str, top_k: int) -> str:
         writer.writerow(["path", "prediction", "probability", *extra, "skipped"])
         for p in predictions:
             cells = [x for c, q in p.top for x in (c, f"{q:.6f}")]
-            writer.writerow([p.path, *cells, *[""] * (2 * top_k - len(cells)), p.skipped])
+            writer.writerow([shown(p.path), *cells, *[""] * (2 * top_k - len(cells)), p.skipped])
         return out.getvalue().rstrip("\n")
-    width = max(len(p.path) for p in predictions) if predictions else 0
+    width = max(len(shown(p.path)) for p in predictions) if predictions else 0
     return "\n".join(
-        f"{p.path:<{width}}  " + ("skipped: " + p.skipped if p.skipped else "  ".join(f"{c} {q:.1%}" for c, q in p.top))
+        f"{shown(p.path):<{width}}  " + ("skipped: " + p.skipped if p.skipped else "  ".join(f"{c} {q:.1%}" for c, q in p.top))
         for p in predictions
     )

@@ -16,6 +16,7 @@ from pipeline import plots
 from pipeline.config import MODELS, Settings
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_error
+from pipeline.store import shown
 from pipeline.train import AUGMENTED_HEAD_FILE, TRAINING_FILE, load_trained, open_features
 
 TITLES = {"head": "Head", "logreg": "Logistic regression"}
@@ -153,7 +154,7 @@ def render_markdown(metrics: dict) -> str:
         "",
         *_augmented_lines(metrics),
         f"Skipped images: {len(metrics['skipped'])}",
-        *[f"- {s['path']}: {s['reason']}" for s in metrics["skipped"]],
+        *[f"- {shown(s['path'])}: {s['reason']}" for s in metrics["skipped"]],
     ]
     return "\n".join(lines) + "\n"
 
@@ -188,7 +189,7 @@ def render_html(metrics: dict, folder: Path) -> str:
     t, esc = metrics["timings"], html.escape
     figure = lambda name, alt: f'<img src="{_data_uri(folder / metrics["figures"][name])}" alt="{esc(alt)}">'  # noqa: E731
     rows = "".join(f"<tr><td>{esc(label)}</td><td>{a:.4f}</td><td>{b:.4f}</td></tr>" for label, a, b in _rows(metrics))
-    skipped = "".join(f"<li><code>{esc(s['path'])}</code>: {esc(s['reason'])}</li>" for s in metrics["skipped"])
+    skipped = "".join(f"<li><code>{esc(shown(s['path']))}</code>: {esc(s['reason'])}</li>" for s in metrics["skipped"])
     extraction_rate = t["images_extracted"] / t["features_seconds"] if t["features_seconds"] else 0.0
     body = f"""
 <h1>{esc(metrics['backbone'])} ({metrics['feature_dim']}-d) on {len(metrics['classes'])} classes</h1>

@@ -232,7 +232,8 @@ class FeatureStore:
         try:
             vectors = np.asarray(dataset[rows], dtype=np.float32)
         except Exception as error:  # noqa: BLE001 - h5py reports a failed checksum as OSError, damage as others
-            raise _damaged(self.path, f"{split} vectors: {error}") from None
+            raise UserError(f"{self.path} is damaged ({split} vectors: {error}); run `make features VERIFY=1` to redo the "
+                            f"damaged rows") from None
         if dataset.is_virtual and np.isnan(vectors).any():  # a part removed after this file was opened reads as NaN
             raise UserError(f"a part file of {self.path} was replaced while reading; run the command again")
         return vectors

@@ -18,6 +18,8 @@ from conftest import REPO, make_images, run_cli, run_cli_process
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.extract import extract
+from pipeline.images import scan_dataset
+from pipeline.predict import Prediction, render
 from pipeline.store import FeatureStore, features_file, shown
 
 LITE = ("--backbone", "efficientnet_lite0")
@@ -329,3 +331,16 @@ def test_a_disk_that_fills_during_assembly_is_one_line_and_leaves_no_temporary(c
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert "disk full" in result.stderr and "Traceback" not in result.stderr
     assert not list(small_disk.rglob("*.tmp")) and not (small_disk / "efficientnet_lite0" / "features.h5").exists()
+
+
+def test_a_class_folder_whose_name_is_not_utf8_is_refused_up_front(tmp_path):
+    data = make_images(tmp_path / "data", {"train": 2, "test": 1})
+    os.rename(os.fsencode(data / "train" / "cat"), os.fsencode(data / "train") + b"/ch\xe2t")
+    with pytest.raises(UserError, match="not a printable UTF-8 name"):
+        scan_dataset(data)
+
+
+def test_predictions_of_files_named_in_other_encodings_print_as_escapes():
+    predictions = [Prediction("photos/caf\udce9.png", [("cat", 0.9)]), Prediction("photos/\udcff.jpg", skipped="empty file")]
+    assert render(predictions, "csv", 1).splitlines()[1:] == ["photos/caf\\xe9.png,cat,0.900000,", "photos/\\xff.jpg,,,empty file"]
+    assert "photos/caf\\xe9.png  cat 90.0%" in render(predictions, "text", 1)
