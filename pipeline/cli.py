@@ -1,4 +1,7 @@
-"""``python -m pipeline <command>``: a thin layer over the library; flags come from ``config.Settings``."""
+"""``python -m pipeline <command>``: a thin layer over the library; flags come from ``config.Settings``.
+
+Each command imports only the modules it runs, so `features` (a no-op, most of the time) never loads
+scikit-learn or matplotlib."""
 
 from __future__ import annotations
 
@@ -7,17 +10,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline import distributed
-from pipeline.backbones import BACKBONES
 from pipeline.config import DEFAULTS, SETTING_FIELDS, Settings
-from pipeline.compare import compare
 from pipeline.errors import UserError
-from pipeline.extract import extract
-from pipeline.predict import predict
-from pipeline.predict import render as render_predictions
-from pipeline.report import report
-from pipeline.store import shown
-from pipeline.train import train
 
 STAGE_ONE = ["data", "cache", "backbone", "weights", "device", "precision", "runtime", "storage", "batch_size", "workers",
              "chunk_size", "force", "verify", "augment", "merge"]
@@ -31,27 +25,53 @@ CHECKS_DATA = "check that the cache was made from this dataset (default: whichev
 
 
 def _run_features(settings: Settings, data: Path | None) -> None:
+    from pipeline import distributed
+    from pipeline.extract import extract
+
     summary = extract(settings)
     if distributed.current().rank == 0:
         print(summary.line())
 
 
+def _run_train(settings: Settings, data: Path | None) -> None:
+    from pipeline.train import train
+
+    train(settings, data)
+
+
+def _run_report(settings: Settings, data: Path | None) -> None:
+    from pipeline.report import report
+
+    report(settings, data)
+
+
 def _run_all(settings: Settings, data: Path | None) -> None:
     _run_features(settings, data)
-    train(settings, settings.data)
-    report(settings, settings.data)
+    _run_train(settings, settings.data)
+    _run_report(settings, settings.data)
 
 
 def _run_predict(settings: Settings, data: Path | None, images: list[Path]) -> None:
+    from pipeline.predict import predict, render
+    from pipeline.store import shown
+
     predictions = predict(settings, images, settings.model, settings.top_k)
-    print(render_predictions(predictions, settings.format, settings.top_k))
+    print(render(predictions, settings.format, settings.top_k))
     if settings.format != "text":
         for p in predictions:
             if p.skipped:
                 print(f"skipped {shown(p.path)}: {p.skipped}", file=sys.stderr)
 
 
+def _run_compare(settings: Settings, data: Path | None) -> None:
+    from pipeline.compare import compare
+
+    compare(settings)
+
+
 def _list_backbones(settings: Settings, data: Path | None) -> None:
+    from pipeline.backbones import BACKBONES
+
     for b in BACKBONES.values():
         source = f"torchvision {type(b.weights).__name__}.{b.weights.name}" if b.weights else "packaged with pip (offline)"
         print(f"{b.name:<20} {b.feature_dim:>5}-d  input {b.crop}px  weights: {source}")
@@ -59,11 +79,11 @@ def _list_backbones(settings: Settings, data: Path | None) -> None:
 
 COMMANDS = {
     "features": (_run_features, STAGE_ONE, "stage one: cache backbone vectors of every image in HDF5"),
-    "train-head": (lambda s, d: train(s, d), STAGE_TWO, "stage two: train the head and the logistic baseline on the cache"),
-    "report": (lambda s, d: report(s, d), REPORT, "test accuracy of head and baseline, side by side"),
+    "train-head": (_run_train, STAGE_TWO, "stage two: train the head and the logistic baseline on the cache"),
+    "report": (_run_report, REPORT, "test accuracy of head and baseline, side by side"),
     "all": (_run_all, list(dict.fromkeys(STAGE_ONE + STAGE_TWO)), "features, train-head and report in one go"),
     "predict": (_run_predict, PREDICT, "classify image files or folders with the trained head (or --model logreg)"),
-    "compare": (lambda s, d: compare(s), COMPARE, "run the pipeline for several backbones and write one table"),
+    "compare": (_run_compare, COMPARE, "run the pipeline for several backbones and write one table"),
     "backbones": (_list_backbones, [], "list the known backbones"),
 }
 
