@@ -62,35 +62,36 @@ class Settings:
     weights: Path | None = _setting(None, "local state-dict file to load instead of the backbone's default weights")
     # stage one
     device: str = _setting("auto", "auto (MPS, then CUDA, then CPU), cpu, cuda, cuda:N or mps")
-    batch_size: int = _setting(32, "images per forward pass in stage one", low=1)
+    batch_size: int = _setting(32, "images per forward pass in stage one", low=1, high=2**16)
     precision: str = _setting("fp32", "backbone arithmetic: fp32, or bf16/fp16 autocast (vectors are stored as float32 either way)",
                               choices=PRECISIONS)
     runtime: str = _setting("torch", "torch (eager), compile (torch.compile: a minute to compile, then faster), "
                                      "or openvino (CPU only; pip install 'pipeline[fast-cpu]')", choices=RUNTIMES)
     storage: str = _setting("float32", "dtype of the stored vectors: float32, or float16 for half the disk", choices=STORAGES)
-    workers: int = _setting(-1, "image-decoding worker processes; -1 picks from the CPU count", low=-1)
-    chunk_size: int = _setting(256, "images per committed chunk; an interrupted run resumes from the last one", low=1)
+    workers: int = _setting(-1, "image-decoding worker processes; -1 picks from the CPU count", low=-1, high=256)
+    chunk_size: int = _setting(256, "images per committed chunk; an interrupted run resumes from the last one", low=1,
+                               high=2**20)
     force: bool = _setting(False, "re-extract everything even if the cache is up to date")
     verify: bool = _setting(False, "also re-read every image and every stored vector: catches images edited in place "
                                    "(same size and mtime) and damaged vectors, and redoes just those")
     merge: bool = _setting(False, "under torchrun, copy the parts into one plain features.h5 instead of joining them virtually")
     augment: int = _setting(0, "also cache this many augmented views of every train image (RandomRotation, RandomResizedCrop, flip)",
-                            low=0)
+                            low=0, high=1000)
     # stage two
     seed: int = _setting(0, "seed for the validation split, head initialisation and shuffling", low=0, high=SEED_MAX)
-    epochs: int = _setting(20, "maximum training epochs of the head", low=1)
-    patience: int = _setting(5, "stop after this many epochs without a lower validation loss", low=1)
-    hidden: int = _setting(256, "hidden units of the head", low=1)
+    epochs: int = _setting(20, "maximum training epochs of the head", low=1, high=10**6)
+    patience: int = _setting(5, "stop after this many epochs without a lower validation loss", low=1, high=10**6)
+    hidden: int = _setting(256, "hidden units of the head", low=1, high=2**16)
     dropout: float = _setting(0.2, "dropout probability of the head", low=0, high=1, high_open=True)
     lr: float = _setting(0.003, "Adam learning rate of the head", low=0, low_open=True)
-    head_batch_size: int = _setting(64, "vectors per optimisation step of the head", low=1)
+    head_batch_size: int = _setting(64, "vectors per optimisation step of the head", low=1, high=2**20)
     val_fraction: float = _setting(0.1, "fraction of train held out (stratified) for choosing the epoch and C",
                                    low=0, high=1, low_open=True, high_open=True)
     # compare
     backbones: str = _setting("densenet121 resnet50 efficientnet_lite0", "space-separated backbones for `compare`")
     # predict
     model: str = _setting("head", "which trained classifier predicts: head or logreg", choices=MODELS)
-    top_k: int = _setting(1, "classes to show per image, most probable first", low=1)
+    top_k: int = _setting(1, "classes to show per image, most probable first", low=1, high=10**6)
     format: str = _setting("text", "output of predict: text, csv or json", choices=FORMATS)
     # diagnostics
     debug: bool = _setting(False, "show full tracebacks instead of one-line errors")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from pipeline import faults
 from pipeline.errors import UserError
 from pipeline.images import DatasetListing, SplitListing
-from pipeline.store import BLOCK_ROWS, FeatureStore, SplitIndex, StoreWriter
+from pipeline.store import BLOCK_ROWS, FeatureFiles, FeatureStore, Placement, Source, SplitIndex, StoreWriter, reserve_bytes
 
 
 @dataclass(frozen=True)
@@ -85,42 +85,21 @@ def part_file(folder: Path, rank: Rank) -> Path:
     return folder / f"features.part-{rank.rank}-of-{rank.world}.h5"
 
 
-@dataclass(frozen=True)
-class FeatureFiles:
-    """The file versions of one feature file. A plain file is replaced by rename; a rank's part is written under a new
-    version name each time, so a joined file only ever reads the exact versions it was built from."""
-
-    base: Path
-    versioned: bool = False
-
-    def versions(self) -> list[Path]:
-        """The versions on disk, oldest first."""
-        if not self.versioned:
-            return [self.base] if self.base.exists() else []
-        found = self.base.parent.glob(f"{self.base.stem}.*{self.base.suffix}")
-        return sorted(p for p in found if p.is_file())  # version names sort by time
-
-    def current(self) -> Path | None:
-        return (self.versions() or [None])[-1]
-
-    def new(self) -> Path:
-        if not self.versioned:
-            return self.base
-        return self.base.with_name(f"{self.base.stem}.{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}{self.base.suffix}")
-
-
 def join(target: Path, parts: list[Path], merge: bool = False) -> bool:
     """Join the parts (one per rank, in rank order) into ``target``, then remove other versions of the parts;
     False when ``target`` already joins exactly these versions."""
     stores = [FeatureStore(p) for p in parts]
     try:
-        stamp = json.dumps([[p.name, s.attrs["content_sha256"]] for p, s in zip(parts, stores)])
+        sources = [Source(p.name, s.attrs["content_sha256"], {split: len(s.paths(split)) for split in s.splits})
+                   for p, s in zip(parts, stores)]
+        stamp = json.dumps([[s.name, s.digest] for s in sources])
         if _already_joined(target, stamp, merge):
             return False
         first = stores[0]
         if any(s.fingerprint != first.fingerprint for s in stores):
             raise UserError("the part files were made with different settings; run `make features FORCE=1 NPROC=...`")
-        attrs = {k: v for k, v in first.attrs.items() if k not in ("format", "format_version", "complete", "content_sha256")}
+        attrs = {k: v for k, v in first.attrs.items() if k not in ("format", "format_version", "complete", "content_sha256",
+                                                                   "sources")}
         attrs.update(
             created=max(str(s.attrs["created"]) for s in stores),
             images_extracted=sum(int(s.attrs["images_extracted"]) for s in stores),
@@ -128,10 +107,13 @@ def join(target: Path, parts: list[Path], merge: bool = False) -> bool:
             extraction_seconds=max(float(s.attrs["extraction_seconds"]) for s in stores),
             augment_seconds=max(float(s.attrs["augment_seconds"]) for s in stores),
             throughput_img_s=sum(float(s.attrs["throughput_img_s"]) for s in stores),
-            parts=stamp if not merge else "[]",
             joined_from=stamp,
+            merged=merge,
         )
-        with StoreWriter(target, attrs) as writer:
+        rows = sum(len(s.paths(split)) for s in stores for split in s.splits)
+        path_bytes = sum(len(os.fsencode(p)) for s in stores for split in s.splits for p in s.paths(split))
+        reserve = reserve_bytes(rows if merge else 0, path_bytes, first.feature_dim, np.float32)
+        with StoreWriter(target, attrs, sources=[] if merge else sources, reserve=reserve) as writer:
             for split in first.splits:
                 indexes = [s.index(split) for s in stores]
                 index = SplitIndex(
@@ -150,8 +132,9 @@ def join(target: Path, parts: list[Path], merge: bool = False) -> bool:
                             rows[start + block:start + block + len(chunk)] = chunk
                         start += n
                 else:
-                    sources = [(p.name, len(i.paths)) for p, i in zip(parts, indexes)]
-                    writer.add_virtual_split(split, index, first.feature_dim, dtype, sources)
+                    placement = Placement(np.concatenate([np.full(len(i.paths), r) for r, i in enumerate(indexes)]),
+                                          np.concatenate([np.arange(len(i.paths)) for i in indexes]))
+                    writer.add_mapped_split(split, index, placement, first.feature_dim, dtype)
             faults.reached("join-before-rename")
             writer.commit()
     finally:
@@ -174,6 +157,6 @@ def _remove_other_versions(parts: list[Path]) -> None:
 def _already_joined(target: Path, stamp: str, merge: bool) -> bool:
     try:
         with FeatureStore(target) as joined:
-            return joined.attrs.get("joined_from") == stamp and (joined.attrs.get("parts") == "[]") == merge
+            return joined.attrs.get("joined_from") == stamp and joined.attrs.get("merged") == merge
     except UserError:
         return False

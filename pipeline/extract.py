@@ -3,9 +3,12 @@
 Every setting, the device, the runtime and the weights are checked before anything on disk is touched.
 An unchanged dataset is a no-op. Otherwise vectors are reused from the previous ``features.h5`` (same
 fingerprint, same file size and mtime) and from the committed chunks of an interrupted run; only the
-rest go through the backbone, chunk by chunk; then a new ``features.h5`` is assembled under a temporary
-name and renamed into place. A stored vector whose checksum fails while it is copied is redone, not
-copied; ``--verify`` also re-reads every image and every stored vector and redoes what changed.
+rest go through the backbone, chunk by chunk. Then the new vectors are written to a new segment file and
+a new ``features.h5`` (the index, mapping every row to its segment) is written; each under a temporary name
+and renamed into place. Old vectors stay where they are, so an update writes what it adds plus the index;
+segments are compacted into one when dead rows, runs or files pile up. A stored vector whose checksum fails
+while it is copied is redone, not copied; ``--verify`` also re-reads every image and every stored vector
+and redoes what changed.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from pipeline.images import (AUGMENTED, NO_VIEW, BadImage, DatasetListing, Image
                              scan_dataset)
 from pipeline.inference import RUNTIME_PACKAGES, check_runtime, prepare, resolve_device, runtime_installed
 from pipeline.partial import ChunkRow, PartialRun
-from pipeline.store import (BLOCK_ROWS, ROWS_PER_CHUNK, FeatureStore, ImageKey, SkipRecord, SplitIndex,
-                            StoreWriter, features_file, shown)
+from pipeline.store import (BLOCK_ROWS, ROWS_PER_CHUNK, FeatureFiles, FeatureStore, ImageKey, Placement, SkipRecord, Source,
+                            SplitIndex, StoreWriter, features_file, reserve_bytes, shown)
 
 SKIPS_LISTED = 50  # skipped files listed under the summary line; all of them are in the file and the report
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -82,14 +85,16 @@ class ExtractSummary:
     seconds: float = 0.0
     backbone_seconds: float = 0.0  # inside the forward (device copies included); the rest is decoding and writing
     up_to_date: bool = False
+    size_bytes: int = 0  # the file and the segments or parts it reads
 
     def describe(self, store: FeatureStore) -> None:
         """Fill in the vector counts and skipped files from the file itself."""
         self.images = {s: len(store.paths(s)) for s in store.splits}
-        self.skipped = [(s, r) for s in store.splits for r in store.index(s).skipped]
+        self.skipped = store.skipped_files()
+        self.size_bytes = store.size_bytes()
 
     def line(self) -> str:
-        size = self.path.stat().st_size / 1e6 if self.path.exists() else 0.0
+        size = self.size_bytes / 1e6
         split_counts = ", ".join(f"{n} {s}" for s, n in self.images.items())
         rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds else ""
         if rate and self.backbone_seconds:
@@ -262,32 +267,125 @@ class DamagedRows(Exception):
         self.keys = keys
 
 
-def _assemble(target: Path, attrs: dict, listing: DatasetListing, plan: Plan, previous: FeatureStore | None,
-              partial: PartialRun, feature_dim: int, dtype: type) -> None:
+@dataclass
+class SplitRows:
+    """A split of the file being written: its index rows, where each row's vector comes from, its skip records."""
+
+    rows: list[tuple[ImageKey, int, bytes]] = field(default_factory=list)
+    sources: list[tuple[ImageKey, int | ChunkRow]] = field(default_factory=list)
+    skipped: list[SkipRecord] = field(default_factory=list)
+
+    def index(self, keep: np.ndarray | slice = slice(None)) -> SplitIndex:
+        rows = self.rows if isinstance(keep, slice) else [self.rows[i] for i in keep]
+        return SplitIndex.build(rows, self.skipped if isinstance(keep, slice) else [])
+
+
+def _split_rows(split: str, listing: DatasetListing, plan: Plan, old_digests: dict[ImageKey, bytes],
+                partial: PartialRun) -> SplitRows:
+    out = SplitRows(skipped=[SkipRecord(s.path, s.reason) for s in listing.splits[split].skipped])
+    for key, label in listed_keys(listing, split):
+        if key in plan.old_rows:
+            source, digest, reason = plan.old_rows[key], old_digests[key], ""
+        elif key in plan.old_skips:
+            source, digest, reason = None, b"", plan.old_skips[key]
+        else:
+            source = partial.done[key]
+            digest, reason = source.digest, source.reason
+        if reason:
+            out.skipped.append(SkipRecord(key.path, reason, key.size, key.mtime_ns, key.view))
+            continue
+        out.sources.append((key, source))
+        out.rows.append((key, label, digest))
+    return out
+
+
+MAX_SEGMENTS = 16  # a segmented file with more, or more dead rows than live ones, or more runs than MAX_RUNS, is compacted
+MAX_RUNS = 4096
+
+
+def _assemble(location: FeatureFiles, attrs: dict, listing: DatasetListing, plan: Plan, previous: FeatureStore | None,
+              partial: PartialRun, feature_dim: int, dtype: type) -> Path:
+    """Write the updated file and return its path: a plain file, or (segmented) a new segment holding the new vectors
+    and a new ``features.h5`` mapping every row from the segments. A segmented file is compacted into one segment when
+    its segments hold too many dead rows, runs or files."""
     old_digests = _stored_digests(previous) if previous is not None else {}
-    with StoreWriter(target, attrs) as writer:
-        for split in listing.splits:
-            rows, sources = [], []
-            skipped = [SkipRecord(s.path, s.reason) for s in listing.splits[split].skipped]
-            for key, label in listed_keys(listing, split):
-                if key in plan.old_rows:
-                    source, digest, reason = plan.old_rows[key], old_digests[key], ""
-                elif key in plan.old_skips:
-                    source, digest, reason = None, b"", plan.old_skips[key]
-                else:
-                    source = partial.done[key]
-                    digest, reason = source.digest, source.reason
-                if reason:
-                    skipped.append(SkipRecord(key.path, reason, key.size, key.mtime_ns, key.view))
-                    continue
-                sources.append((key, source))
-                rows.append((key, label, digest))
-            dataset = writer.add_split(split, SplitIndex.build(rows, skipped), feature_dim, dtype)
-            for start in range(0, len(sources), BLOCK_ROWS):
-                block = sources[start:start + BLOCK_ROWS]
-                dataset[start:start + len(block)] = _block_vectors(split, block, previous, partial)
-                faults.reached("assembly")
-        writer.commit()
+    splits = {split: _split_rows(split, listing, plan, old_digests, partial) for split in listing.splits}
+    path_bytes = sum(len(os.fsencode(key.path)) for rows in splits.values() for key, _, _ in rows.rows)
+    n_rows = sum(len(rows.rows) for rows in splits.values())
+    if not location.segmented:
+        target = location.new()
+        with StoreWriter(target, attrs, reserve=reserve_bytes(n_rows, path_bytes, feature_dim, dtype)) as writer:
+            for split, rows in splits.items():
+                _write_vectors(writer.add_split(split, rows.index(), feature_dim, dtype), split, rows.sources, previous, partial)
+            writer.commit()
+        return target
+    own_segments = {p.name for p in location.segments()}
+    mapped = (previous is not None and previous.sources and all(s.name in own_segments for s in previous.sources)
+              and all(previous.placement(s) is not None for s in previous.splits))
+    layout = _layout(splits, previous if mapped else None)
+    if layout is None:
+        layout = _layout(splits, None)
+    new_rows, sources, placements = layout
+    if any(len(rows) for rows in new_rows.values()):
+        segment = location.new_segment()
+        n_new = sum(len(picked) for picked in new_rows.values())
+        with StoreWriter(segment, attrs, reserve=reserve_bytes(n_new, path_bytes, feature_dim, dtype)) as writer:
+            for split, rows in splits.items():
+                picked = new_rows[split]
+                _write_vectors(writer.add_split(split, rows.index(picked), feature_dim, dtype), split,
+                               [rows.sources[i] for i in picked], previous, partial)
+            writer.commit()
+        sources.append(Source(segment.name, writer.digest, {split: len(picked) for split, picked in new_rows.items()}))
+    with StoreWriter(location.base, attrs, sources=sources, reserve=reserve_bytes(0, path_bytes, feature_dim, dtype) +
+                     16 * n_rows) as index:
+        for split, rows in splits.items():
+            index.add_mapped_split(split, rows.index(), placements[split], feature_dim, dtype)
+        faults.reached("assembly")
+        index.commit()
+    for stale in set(location.segments()) - {location.base.parent / s.name for s in sources}:
+        stale.unlink(missing_ok=True)
+    return location.base
+
+
+def _layout(splits: dict[str, SplitRows], previous: FeatureStore | None
+            ) -> tuple[dict[str, np.ndarray], list[Source], dict[str, Placement]] | None:
+    """Where each row's vector will lie: rows kept in ``previous``'s segments (None: every row goes to a new segment),
+    as (rows for the new segment, the kept sources, placements with the new segment numbered last); None when
+    keeping them is not worth it (see ``MAX_SEGMENTS``)."""
+    old_sources = previous.sources if previous is not None else []
+    placements, new_rows, used = {}, {}, set()
+    for split, rows in splits.items():
+        old = previous.placement(split) if previous is not None and split in previous.splits else None
+        where = np.array([s if isinstance(s, int) and old is not None else -1 for _, s in rows.sources], dtype=np.int64)
+        kept = where >= 0
+        source = np.full(len(where), len(old_sources), dtype=np.int64)
+        row = np.zeros(len(where), dtype=np.int64)
+        if old is not None:
+            source[kept], row[kept] = old.sources[where[kept]], old.rows[where[kept]]
+        row[~kept] = np.arange(int((~kept).sum()))
+        new_rows[split] = np.flatnonzero(~kept)
+        placements[split] = Placement(source, row)
+        used |= set(source[kept].tolist())
+    renumber = {old: new for new, old in enumerate(sorted(used))}
+    renumber[len(old_sources)] = len(used)
+    for placement in placements.values():
+        placement.sources = np.array([renumber[s] for s in placement.sources.tolist()], dtype=np.int64)
+    sources = [old_sources[s] for s in sorted(used)]
+    if previous is not None:
+        live = sum(len(rows.rows) for rows in splits.values())
+        stored = sum(sum(s.rows.values()) for s in sources) + sum(len(r) for r in new_rows.values())
+        runs = sum(len(p.runs()) for p in placements.values())
+        if len(sources) + 1 > MAX_SEGMENTS or stored > 2 * live or runs > MAX_RUNS:
+            return None
+    return new_rows, sources, placements
+
+
+def _write_vectors(dataset, split: str, sources: list[tuple[ImageKey, int | ChunkRow]], previous: FeatureStore | None,
+                   partial: PartialRun) -> None:
+    for start in range(0, len(sources), BLOCK_ROWS):
+        block = sources[start:start + BLOCK_ROWS]
+        dataset[start:start + len(block)] = _block_vectors(split, block, previous, partial)
+        faults.reached("assembly")
 
 
 def _block_vectors(split: str, block: list[tuple[ImageKey, int | ChunkRow]], previous: FeatureStore | None,
@@ -340,11 +438,11 @@ def extract(settings: Settings) -> ExtractSummary:
         raise UserError(f"{target} is not a regular file; remove it, then run `make features` again")
     check_writable(folder)
     if not rank.distributed:
-        summary = _update(settings, listing, backbone, expected, distributed.FeatureFiles(target), device)
+        summary = _update(settings, listing, backbone, expected, FeatureFiles(target), device)
     else:
         distributed.start(device)
         try:
-            part = distributed.FeatureFiles(distributed.part_file(folder, rank), versioned=True)
+            part = FeatureFiles(distributed.part_file(folder, rank), versioned=True)
             summary = _update(settings, distributed.shard(listing, rank), backbone, expected, part, device)
             summary.seconds = time.perf_counter() - start
             print(f"rank {rank.rank}/{rank.world}: {summary.line()}")
@@ -362,7 +460,7 @@ def extract(settings: Settings) -> ExtractSummary:
 
 
 def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, expected: dict,
-            location: distributed.FeatureFiles, device: torch.device) -> ExtractSummary:
+            location: FeatureFiles, device: torch.device) -> ExtractSummary:
     """Bring one feature file (``features.h5``, or a rank's part) up to date."""
     start = time.perf_counter()
     base = location.base
@@ -386,7 +484,6 @@ def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, exp
             if previous is not None and previous.attrs.get("data_root") != str(listing.root.resolve()):
                 print(f"features: DATA is now {listing.root.resolve()} (was {previous.attrs.get('data_root')}); "
                       f"unchanged images keep their vectors")
-            target = location.new()
             forward, seconds, extracted = None, {"images": 0.0, "views": 0.0}, {"images": 0, "views": 0}
             while True:
                 if plan.todo and forward is None:
@@ -417,8 +514,8 @@ def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, exp
                     "augment_seconds": seconds["views"],
                 }
                 try:
-                    _assemble(target, attrs, listing, plan, previous, partial, backbone.feature_dim,
-                              STORAGE_DTYPES[settings.storage])
+                    target = _assemble(location, attrs, listing, plan, previous, partial, backbone.feature_dim,
+                                       STORAGE_DTYPES[settings.storage])
                     break
                 except DamagedRows as damaged:
                     print(f"features: {damaged}; extracting them again")

@@ -80,7 +80,9 @@ def predict(settings: Settings, inputs: list[Path], model: str = "head", top_k: 
                         f"pass the same WEIGHTS as for `make features`")
     files, results = image_files(inputs)
     if not files:
-        raise UserError(f"no images found in {' '.join(map(str, inputs))}; pass image files or folders holding them (IMAGES=...)")
+        why = "; ".join(f"{shown(p.path)}: {p.skipped}" for p in results[:3])
+        raise UserError(f"no images found in {' '.join(map(str, inputs))}{f' ({why})' if why else ''}; "
+                        f"pass image files or folders holding them (IMAGES=...)")
     forward = prepare(backbone, load_backbone(backbone, settings.weights), resolve_device(settings.device),
                       settings.precision, settings.runtime)
     dataset = ImageFiles(Path("/"), [(str(p.resolve()), NO_VIEW) for p in files], backbone.transform(), min_side=backbone.resize)
@@ -105,7 +107,7 @@ def render(predictions: list[Prediction], format: str, top_k: int) -> str:
     check_value("format", format)
     check_value("top_k", top_k)
     if format == "json":
-        return json.dumps([{"path": p.path, "prediction": p.top[0][0] if p.top else None,
+        return json.dumps([{"path": shown(p.path), "prediction": p.top[0][0] if p.top else None,
                             "probability": p.top[0][1] if p.top else None,
                             "top_k": [{"class": c, "probability": q} for c, q in p.top], "skipped": p.skipped or None}
                            for p in predictions], indent=2)

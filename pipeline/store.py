@@ -1,12 +1,15 @@
-"""The feature store: one HDF5 file per backbone, ``CACHE/<backbone>/features.h5``.
+"""The feature store: per backbone, ``CACHE/<backbone>/features.h5`` and the segment files it reads its vectors from.
 
-Layout: one group per split (``train``, ``test``, ``train_aug``) with ``features`` [N, D] (chunked, each
-chunk checksummed by HDF5's fletcher32 filter), and the index: ``paths`` [N] (relative to DATA, the file
-name's bytes as the file system gives them), ``views`` [N] (-1 for the image itself, k for augmented view
-k), ``labels``, ``sizes``/``mtimes`` (the file stamp each vector was made from), ``digests`` [N, 16]
-(blake2b of the file's bytes) and ``skipped`` (path, reason, size, mtime of every file not turned into a
-vector). File attributes say what produced it (backbone, weights, transform, library versions), that it
-is complete, and ``content_sha256``: a digest of every attribute and every index array, checked at open.
+Layout: one group per split (``train``, ``test``, ``train_aug``) with ``features`` [N, D], and the index.
+In a plain file (a segment, a torchrun part, a merged file) ``features`` is chunked and each chunk checksummed
+by HDF5's fletcher32 filter; in a mapped file (``features.h5``, a torchrun join) it is a virtual dataset over
+its ``sources`` (attribute: name, content digest and rows of each), row i being row ``source_row[i]`` of source
+``source[i]``. The index: ``paths`` [N] (relative to DATA, the file name's bytes as the file system gives
+them), ``views`` [N] (-1 for the image itself, k for augmented view k), ``labels``, ``sizes``/``mtimes``
+(the file stamp each vector was made from), ``digests`` [N, 16] (blake2b of the file's bytes) and
+``skipped`` (path, reason, size, mtime of every file not turned into a vector). File attributes say what
+produced it (backbone, weights, transform, library versions), that it is complete, and ``content_sha256``:
+a digest of every attribute and every index array, checked at open, as is each source's digest.
 
 So a damaged file is refused (readers) or rebuilt (``features``), never read as other numbers: damage to
 the index or attributes fails the digest at open; damage to the vectors fails a chunk's checksum when it
@@ -15,10 +18,14 @@ is read. A file is only ever written under a temporary name and renamed when com
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +41,7 @@ FORMAT = "pipeline-features"
 FORMAT_VERSION = 2
 ROWS_PER_CHUNK = 1024  # HDF5 chunk of the vectors: the unit of checksumming and of repair
 BLOCK_ROWS = 4 * ROWS_PER_CHUNK  # rows read or written at a time when copying vectors between files
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if ctypes.util.find_library("c") else None
 _BYTES = h5py.string_dtype("ascii")  # stores any bytes: file names are bytes, not always valid UTF-8
 
 
@@ -41,9 +49,48 @@ def features_file(backbone_dir: Path) -> Path:
     return Path(backbone_dir) / "features.h5"
 
 
+@dataclass(frozen=True)
+class FeatureFiles:
+    """The files of one feature file on disk. Single process, ``features.h5`` maps its vectors from segment files
+    (``features.seg-<time>.h5``), so an update writes only its new vectors plus the index. Under torchrun, each rank's
+    part is one plain file written under a new version name each time (``features.part-0-of-2.<time>.h5``), so a join
+    only ever reads the exact versions it was built from. Nothing is ever overwritten in place."""
+
+    base: Path
+    versioned: bool = False
+
+    @property
+    def segmented(self) -> bool:
+        return not self.versioned
+
+    def versions(self) -> list[Path]:
+        """The versions on disk, oldest first."""
+        if not self.versioned:
+            return [self.base] if self.base.exists() else []
+        found = self.base.parent.glob(f"{self.base.stem}.*{self.base.suffix}")
+        return sorted(p for p in found if p.is_file())  # version names sort by time
+
+    def current(self) -> Path | None:
+        return (self.versions() or [None])[-1]
+
+    def new(self) -> Path:
+        return self.base if not self.versioned else self._stamped("")
+
+    def new_segment(self) -> Path:
+        return self._stamped("seg-")
+
+    def segments(self) -> list[Path]:
+        return sorted(self.base.parent.glob(f"{self.base.stem}.seg-*{self.base.suffix}"))
+
+    def _stamped(self, kind: str) -> Path:
+        return self.base.with_name(f"{self.base.stem}.{kind}{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}{self.base.suffix}")
+
+
 def shown(path: str) -> str:
-    """A path as text anyone can print: bytes that are not UTF-8 appear as \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path as one line of text anyone can print: bytes that are not UTF-8 appear as \\xNN escapes, control
+    characters (a newline in a file name) as their escapes."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class ImageKey(NamedTuple):
@@ -104,6 +151,33 @@ class SplitIndex:
         return h.digest()
 
 
+@dataclass
+class Placement:
+    """Where each row of a split lies when its vectors live in other feature files (segments, or torchrun parts):
+    the number of its source (into the file's ``sources``) and its row in that source's split."""
+
+    sources: np.ndarray
+    rows: np.ndarray
+
+    def runs(self) -> list[tuple[int, int, int, int]]:
+        """``(start, stop, source, source_start)`` of each run of rows that are consecutive in one source."""
+        if not len(self.sources):
+            return []
+        breaks = np.flatnonzero((np.diff(self.sources) != 0) | (np.diff(self.rows) != 1)) + 1
+        starts = np.concatenate([[0], breaks])
+        stops = np.concatenate([breaks, [len(self.sources)]])
+        return [(int(a), int(b), int(self.sources[a]), int(self.rows[a])) for a, b in zip(starts, stops)]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A feature file whose vectors another file maps: its name (beside it), its ``content_sha256``, rows per split."""
+
+    name: str
+    digest: str
+    rows: dict[str, int]
+
+
 def _plain(value):
     """An attribute as h5py returns it, as a JSON value."""
     if isinstance(value, np.ndarray):
@@ -115,11 +189,14 @@ def _plain(value):
     return value
 
 
-def content_digest(attrs: h5py.AttributeManager, indexes: dict[str, SplitIndex], shapes: dict[str, tuple]) -> str:
-    """The digest over every attribute (but itself), and every split's index and vector shape and dtype."""
+def content_digest(attrs: h5py.AttributeManager, indexes: dict[str, SplitIndex], shapes: dict[str, tuple],
+                   placements: dict[str, Placement]) -> str:
+    """The digest over every attribute (but itself), and every split's index, placement and vector shape and dtype."""
     h = hashlib.sha256(json.dumps({k: _plain(v) for k, v in attrs.items() if k != "content_sha256"}, sort_keys=True).encode())
     for split in sorted(indexes):
         h.update(indexes[split].digest(split) + json.dumps(shapes[split]).encode())
+        if split in placements:
+            h.update(np.ascontiguousarray(placements[split].sources).tobytes() + np.ascontiguousarray(placements[split].rows).tobytes())
     return h.hexdigest()
 
 
@@ -167,12 +244,15 @@ class FeatureStore:
         self.attrs = attrs
         self.fingerprint = json.loads(attrs["fingerprint"])
         self._indexes = {split: self._read_index(split) for split in self.file}
+        self._placements = {split: Placement(self.file[split]["source"][()], self.file[split]["source_row"][()])
+                            for split in self.file if "source" in self.file[split]}
         shapes = {split: [*self.file[split]["features"].shape, str(self.file[split]["features"].dtype)] for split in self.file}
-        if content_digest(self.file.attrs, self._indexes, shapes) != attrs.get("content_sha256"):
+        if content_digest(self.file.attrs, self._indexes, shapes, self._placements) != attrs.get("content_sha256"):
             raise _damaged(self.path, "its index or attributes do not match their digest")
         if any(len(i.paths) != shapes[s][0] for s, i in self._indexes.items()):
             raise _damaged(self.path, "index and vectors differ in length")
-        self._check_parts()
+        self.sources = [Source(**source) for source in json.loads(attrs.get("sources", "[]"))]
+        self._check_sources()
 
     def _read_index(self, split: str) -> SplitIndex:
         group, skipped = self.file[split], self.file[split]["skipped"]
@@ -184,18 +264,30 @@ class FeatureStore:
                 skipped["views"][()])],
         )
 
-    def _check_parts(self) -> None:
-        """A joined file reads its vectors from part files: each must be the very version it was joined from."""
-        for name, digest in json.loads(self.attrs.get("parts", "[]")):
-            part = self.path.parent / name
+    def _check_sources(self) -> None:
+        """A file that maps its vectors from other files (segments, parts): each must be the very version it maps."""
+        for source in self.sources:
             try:
-                with h5py.File(part, "r") as f:
+                with h5py.File(self.path.parent / source.name, "r") as f:
                     current = _plain(f.attrs.get("content_sha256"))
             except (OSError, ValueError):
                 current = None
-            if current != digest:
-                raise UserError(f"{self.path} joins part file {name}, which is missing or has changed since the join; "
-                                f"run `make features` again (with the same NPROC, or --merge for one plain file)")
+            if current != source.digest:
+                raise UserError(f"{self.path} reads its vectors from {source.name}, which is missing or has changed since; "
+                                f"run `make features` again (under torchrun with the same NPROC)")
+
+    def skipped_files(self) -> list[tuple[str, SkipRecord]]:
+        """Every file that produced no vector, once: an augmented view fails only when its image does, and the image
+        is listed in its own split."""
+        return [(split, record) for split in self.splits for record in self.index(split).skipped if record.view == NO_VIEW]
+
+    def placement(self, split: str) -> Placement | None:
+        """Where the split's vectors lie, for a file that maps them from its ``sources``; None for a plain file."""
+        return self._placements.get(split)
+
+    def size_bytes(self) -> int:
+        """This file and every file it reads vectors from."""
+        return self.path.stat().st_size + sum((self.path.parent / s.name).stat().st_size for s in self.sources)
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -245,14 +337,32 @@ class FeatureStore:
         return self._indexes[split].paths
 
 
+def _reserve(fd: int, size: int) -> None:
+    """Allocate ``size`` bytes of disk to ``fd`` without changing its length (Linux ``fallocate`` with
+    ``FALLOC_FL_KEEP_SIZE``); a full disk raises ``OSError(ENOSPC)``. A no-op where the call is missing."""
+    if _LIBC is None or not hasattr(_LIBC, "fallocate"):
+        return
+    keep_size = 1
+    if _LIBC.fallocate(fd, keep_size, ctypes.c_int64(0), ctypes.c_int64(size)) != 0:
+        code = ctypes.get_errno()
+        if code == errno.ENOSPC:
+            raise OSError(code, os.strerror(code))
+
+
 class _WriteGuard:
     """The file HDF5 writes through (h5py's ``fileobj`` driver). The first failed write (a full disk) is kept and
     the writes after it are dropped, so HDF5 finishes its file cleanly and ``StoreWriter`` raises the error itself:
     HDF5's own write-error path leaves the library in a state that crashes the process later."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, reserve: int):
         self.raw = open(path, "w+b")
         self.error: OSError | None = None
+        try:
+            _reserve(self.raw.fileno(), reserve)
+        except OSError:
+            self.raw.close()
+            Path(path).unlink(missing_ok=True)
+            raise
 
     def write(self, data) -> int:
         size = memoryview(data).nbytes
@@ -302,17 +412,29 @@ class _WriteGuard:
             raise self.error
 
 
+def reserve_bytes(rows: int, path_bytes: int, feature_dim: int, dtype) -> int:
+    """An upper bound of a feature file's size: its vectors (``rows`` of them, 0 for a mapped file), index and HDF5's
+    own structures."""
+    return rows * feature_dim * np.dtype(dtype).itemsize + 2 * path_bytes + 160 * rows + 4 * 2**20
+
+
 class StoreWriter:
     """Writes a feature file under ``<name>.tmp``; ``commit()`` marks it complete, seals its digest and renames it
-    into place. Leaving the ``with`` block on an error (a full disk included) removes the temporary file."""
+    into place. Leaving the ``with`` block on an error (a full disk included) removes the temporary file.
 
-    def __init__(self, path: Path, attrs: dict):
+    ``reserve`` bytes (``reserve_bytes``) are allocated before HDF5 writes anything, so a disk without room for the
+    file fails at once, cleanly; the file shrinks to its real size when closed."""
+
+    def __init__(self, path: Path, attrs: dict, sources: list[Source] = (), reserve: int = 4 * 2**20):
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.guard = _WriteGuard(self.tmp)
+        self.guard = _WriteGuard(self.tmp, reserve)
         self.file = h5py.File(self.guard, "w")
-        self.file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False, **attrs})
+        self.file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False, **attrs,
+                                "sources": json.dumps([asdict(s) for s in sources])})
+        self.sources = list(sources)
         self.indexes: dict[str, SplitIndex] = {}
+        self.placements: dict[str, Placement] = {}
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -328,15 +450,18 @@ class StoreWriter:
         return group.create_dataset("features", shape=(n, feature_dim), maxshape=(None, feature_dim), dtype=dtype,
                                     chunks=(max(1, min(n, ROWS_PER_CHUNK)), feature_dim), fletcher32=True)
 
-    def add_virtual_split(self, name: str, index: SplitIndex, feature_dim: int, dtype, sources: list[tuple[str, int]]) -> None:
-        """A split whose ``features`` are a virtual dataset over other files' (name relative to this file, rows)."""
+    def add_mapped_split(self, name: str, index: SplitIndex, placement: Placement, feature_dim: int, dtype) -> None:
+        """A split whose ``features`` are an HDF5 virtual dataset over the writer's ``sources``: row i is row
+        ``placement.rows[i]`` of source ``placement.sources[i]`` (no vector is copied)."""
         group = self._add_index(name, index)
+        self.placements[name] = placement
+        group.create_dataset("source", data=np.asarray(placement.sources, dtype=np.int64))
+        group.create_dataset("source_row", data=np.asarray(placement.rows, dtype=np.int64))
         layout = h5py.VirtualLayout(shape=(len(index.paths), feature_dim), dtype=dtype)
-        start = 0
-        for file_name, rows in sources:
-            if rows:
-                layout[start:start + rows] = h5py.VirtualSource(file_name, f"{name}/features", shape=(rows, feature_dim))
-            start += rows
+        for start, stop, source, source_start in placement.runs():
+            vectors = h5py.VirtualSource(self.sources[source].name, f"{name}/features",
+                                         shape=(self.sources[source].rows[name], feature_dim))
+            layout[start:stop] = vectors[source_start:source_start + stop - start]
         group.create_virtual_dataset("features", layout, fillvalue=np.nan)
 
     def _add_index(self, name: str, index: SplitIndex) -> h5py.Group:
@@ -357,7 +482,8 @@ class StoreWriter:
     def commit(self) -> None:
         self.file.attrs["complete"] = True
         shapes = {s: [*self.file[s]["features"].shape, str(self.file[s]["features"].dtype)] for s in self.indexes}
-        self.file.attrs["content_sha256"] = content_digest(self.file.attrs, self.indexes, shapes)
+        self.digest = content_digest(self.file.attrs, self.indexes, shapes, self.placements)
+        self.file.attrs["content_sha256"] = self.digest
         self.file.close()
         self.guard.close()
         faults.reached("store-before-rename")

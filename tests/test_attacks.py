@@ -3,10 +3,12 @@ moved data work, and a process killed at any named point resumes to the file an 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, make_images, run_cli, run_cli_process
+from pipeline import extract as extract_module
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.extract import extract
@@ -60,7 +63,8 @@ def clean(tmp_path_factory):
     ("lr", -1.0, "--lr must be a number above 0"), ("seed", -1, "--seed must be a number at least 0"),
     ("precision", "fp322", "--precision 'fp322' is not one of"), ("runtime", "torchh", "--runtime 'torchh' is not one of"),
     ("format", "xml", "--format 'xml' is not one of"), ("dropout", 1.0, "--dropout must be"), ("backbones", " ", "--backbones is empty"),
-    ("val_fraction", 1.5, "--val-fraction must be"), ("workers", -2, "--workers must be"),
+    ("val_fraction", 1.5, "--val-fraction must be"), ("workers", -2, "--workers must be"), ("workers", 1000, "at most 256"),
+    ("hidden", 10**20, "--hidden must be a number at least 1 and at most"), ("batch_size", 10**20, "--batch-size must be"),
 ])
 def test_an_invalid_setting_cannot_exist(name, value, problem):
     with pytest.raises(UserError, match=problem):
@@ -145,17 +149,20 @@ def _flip(path, offset: int, bit: int = 0) -> None:
         f.write(bytes([byte ^ (1 << bit)]))
 
 
-def _vector_offset(path, split="train") -> int:
-    with h5py.File(path) as f:
-        return f[split]["features"].id.get_chunk_info(0).byte_offset
+def _vectors_at(cache, split="train") -> tuple[Path, int]:
+    """The segment file holding a split's first stored vectors, and their byte offset in it."""
+    with FeatureStore(features_file(cache / "efficientnet_lite0")) as store:
+        segment = store.path.parent / store.sources[int(store.placement(split).sources[0])].name
+    with h5py.File(segment) as f:
+        return segment, f[split]["features"].id.get_chunk_info(0).byte_offset
 
 
 def test_a_flipped_vector_is_refused_by_readers_and_repaired_by_verify(clean, tmp_path, capsys):
     data, clean_cache = clean
     cache = tmp_path / "cache"
     shutil.copytree(clean_cache, cache)
-    target = features_file(cache / "efficientnet_lite0")
-    _flip(target, _vector_offset(target) + 4 * 1280 * 3 + 2, bit=6)
+    segment, offset = _vectors_at(cache)
+    _flip(segment, offset + 4 * 1280 * 3 + 2, bit=6)
     result = run_cli_process("train-head", "--cache", cache, *LITE)
     assert result.returncode == 2 and "damaged" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert extract(settings(data, cache)).up_to_date  # a no-op reads no vectors: only --verify reads them all
@@ -165,36 +172,67 @@ def test_a_flipped_vector_is_refused_by_readers_and_repaired_by_verify(clean, tm
     assert run_cli("train-head", "--cache", cache, *LITE, "--epochs", "1") == 0
 
 
-def test_a_stored_vector_that_fails_its_checksum_while_copied_is_redone(clean, tmp_path):
+def test_a_stored_vector_that_fails_its_checksum_while_compacted_is_redone(clean, tmp_path, monkeypatch):
+    """An append leaves stored vectors where they are; compaction copies them, and a damaged one is extracted again."""
     data, clean_cache = clean
     cache = tmp_path / "cache"
     shutil.copytree(clean_cache, cache)
-    target = features_file(cache / "efficientnet_lite0")
-    _flip(target, _vector_offset(target, "test") + 7, bit=3)
+    _flip(*(lambda segment, offset: (segment, offset + 7))(*_vectors_at(cache, "test")), bit=3)
+    monkeypatch.setattr(extract_module, "MAX_SEGMENTS", 1)  # compact at every update
     Image.new("RGB", (40, 32), (250, 250, 250)).save(data / "train" / "cat" / "added.png")
     try:
         summary = extract(settings(data, cache))
     finally:
         (data / "train" / "cat" / "added.png").unlink()
     assert summary.repaired == 20 and summary.extracted == 21
+    with FeatureStore(features_file(cache / "efficientnet_lite0")) as store:
+        assert len(store.sources) == 1  # compacted into one segment
     clean_vectors, vectors = snapshot(clean_cache), snapshot(cache)
     assert_same_vectors({"test": vectors["test"]}, {"test": clean_vectors["test"]})
 
 
+def test_an_append_writes_only_the_new_vectors_and_compaction_keeps_the_segments_few(tmp_path, monkeypatch):
+    data = make_images(tmp_path / "data", {"train": 6, "test": 2})
+    cache = tmp_path / "cache"
+    extract(settings(data, cache))
+    folder = cache / "efficientnet_lite0"
+    first = {p.name: p.stat().st_mtime_ns for p in folder.glob("features.seg-*.h5")}
+    shutil.copy(data / "train" / "cat" / "cat0.png", data / "train" / "cat" / "added.png")
+    assert extract(settings(data, cache)).extracted == 1
+    segments = {p.name: p.stat().st_mtime_ns for p in folder.glob("features.seg-*.h5")}
+    assert len(segments) == 2 and all(segments[name] == stamp for name, stamp in first.items())  # old segment untouched
+    with FeatureStore(features_file(folder)) as store:
+        new = store.sources[-1]
+        assert new.rows == {"train": 1, "test": 0}
+    reference = snapshot(cache)
+    (data / "train" / "cat" / "added.png").unlink()
+    extract(settings(data, cache))
+    assert len(list(folder.glob("features.seg-*.h5"))) == 1  # a segment no row reads is removed
+    monkeypatch.setattr(extract_module, "MAX_SEGMENTS", 2)
+    for i in range(3):
+        shutil.copy(data / "train" / "dog" / "dog0.png", data / "train" / "dog" / f"more{i}.png")
+        extract(settings(data, cache))
+    assert len(list(folder.glob("features.seg-*.h5"))) <= 2
+    vectors = snapshot(cache)
+    for key, vector in reference["train"].items():
+        if key[0] != "train/cat/added.png":
+            np.testing.assert_array_equal(vectors["train"][key], vector)
+
+
 def test_random_byte_flips_are_refused_or_harmless_never_silent(clean, tmp_path):
-    """300 flips anywhere in the file: opening and reading everything either raises UserError or gives the
-    original content exactly."""
+    """300 flips anywhere in the index file or its segment: opening and reading everything either raises UserError or
+    gives the original content exactly."""
     _, clean_cache = clean
-    original = features_file(clean_cache / "efficientnet_lite0")
     reference = snapshot(clean_cache)
-    size = original.stat().st_size
+    files = sorted((clean_cache / "efficientnet_lite0").glob("features*.h5"))  # the index and its segment
     rng = np.random.default_rng(0)
     outcomes = {"refused": 0, "same": 0}
-    damaged = tmp_path / "efficientnet_lite0" / "features.h5"
-    damaged.parent.mkdir()
-    for offset, bit in zip(rng.integers(0, size, 300), rng.integers(0, 8, 300)):
-        shutil.copy(original, damaged)
-        _flip(damaged, int(offset), int(bit))
+    for trial in range(300):
+        shutil.rmtree(tmp_path / "efficientnet_lite0", ignore_errors=True)
+        shutil.copytree(clean_cache / "efficientnet_lite0", tmp_path / "efficientnet_lite0")
+        original = files[trial % len(files)]
+        offset, bit = int(rng.integers(0, original.stat().st_size)), int(rng.integers(0, 8))
+        _flip(tmp_path / "efficientnet_lite0" / original.name, offset, bit)
         try:
             content = snapshot(tmp_path)
         except UserError:
@@ -340,7 +378,17 @@ def test_a_class_folder_whose_name_is_not_utf8_is_refused_up_front(tmp_path):
         scan_dataset(data)
 
 
-def test_predictions_of_files_named_in_other_encodings_print_as_escapes():
-    predictions = [Prediction("photos/caf\udce9.png", [("cat", 0.9)]), Prediction("photos/\udcff.jpg", skipped="empty file")]
-    assert render(predictions, "csv", 1).splitlines()[1:] == ["photos/caf\\xe9.png,cat,0.900000,", "photos/\\xff.jpg,,,empty file"]
-    assert "photos/caf\\xe9.png  cat 90.0%" in render(predictions, "text", 1)
+def test_predictions_of_files_named_in_other_encodings_print_as_escapes_in_every_format():
+    predictions = [Prediction("photos/caf\udce9.png", [("cat", 0.9)]), Prediction("photos/\udcff\n.jpg", skipped="empty file")]
+    assert render(predictions, "csv", 1).splitlines()[1:] == ["photos/caf\\xe9.png,cat,0.900000,", "photos/\\xff\\n.jpg,,,empty file"]
+    assert render(predictions, "text", 1).splitlines()[0].startswith("photos/caf\\xe9.png")
+    assert [p["path"] for p in json.loads(render(predictions, "json", 1))] == ["photos/caf\\xe9.png", "photos/\\xff\\n.jpg"]
+
+
+def test_a_bad_image_is_listed_once_however_many_views_are_cached(tmp_path):
+    data = make_images(tmp_path / "data", {"train": 3, "test": 1})
+    (data / "train" / "cat" / "zz.png").write_bytes(b"junk")
+    summary = extract(settings(data, tmp_path / "cache", augment=3))
+    assert [(split, record.path) for split, record in summary.skipped] == [("train", "train/cat/zz.png")]
+    assert summary.images == {"train": 6, "test": 2, "train_aug": 18}
+    assert extract(settings(data, tmp_path / "cache", augment=3)).up_to_date  # its views are not retried either

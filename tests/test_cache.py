@@ -160,8 +160,7 @@ def test_damaged_caches_are_refused_by_stage_two_and_rebuilt_by_stage_one(tmp_pa
 def test_a_cache_from_another_backbone_or_dataset_is_refused(tmp_path, tiny_data):
     cache = tmp_path / "cache"
     features(tiny_data, cache)
-    (cache / "densenet121").mkdir()
-    shutil.copy(cache / "efficientnet_lite0" / "features.h5", cache / "densenet121" / "features.h5")
+    shutil.copytree(cache / "efficientnet_lite0", cache / "densenet121")
     other = run_cli_process("train-head", "--cache", cache, "--backbone", "densenet121")
     assert other.returncode == 2 and "made by backbone efficientnet_lite0" in other.stderr
     elsewhere = make_images(tmp_path / "elsewhere", {"train": 2, "test": 1})

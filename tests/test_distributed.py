@@ -94,7 +94,7 @@ def test_a_missing_part_is_refused_not_read_as_zeros(data, tmp_path):
     [part] = (cache / "efficientnet_lite0").glob("features.part-1-of-2.*.h5")
     part.unlink()
     result = run_cli_process("train-head", "--cache", cache, *LITE)
-    assert result.returncode == 2 and f"joins part file {part.name}, which is missing" in result.stderr
+    assert result.returncode == 2 and f"reads its vectors from {part.name}, which is missing" in result.stderr
 
 
 def test_a_killed_rank_resumes_from_its_chunks(data, single, tmp_path):

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,22 +47,25 @@ def test_report_writes_pictures_and_lists_the_confidently_wrong(trained):
     assert all(w["true"] == "dog" and w["predicted"] == "cat" for w in wrong)
     page = (folder / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 5 and "file://" not in page and "http" not in page.split("<style>")[0]
+    rows = {r["path"]: r for r in csv.DictReader(io.StringIO((folder / metrics["test_predictions"]).read_text()))}
+    assert len(rows) == metrics["n_test"] == 10
+    assert rows["test/dog/moved-cat0.png"]["true"] == "dog" and rows["test/dog/moved-cat0.png"]["head_prediction"] == "cat"
 
 
-def _chromium() -> str:
+def headless_chromium(profile: Path) -> list[str]:
+    """The command line of a headless Chromium that reaches no network; skips without one (fails under CI=true)."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if not found:
         if os.environ.get("CI") == "true":
             pytest.fail("chromium is missing; .ci/run installs Debian's chromium package")
         pytest.skip("chromium not installed (apt-get install chromium)")
-    return found
+    return [found, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}"]
 
 
 def test_report_html_loads_with_all_its_images_in_headless_chromium(trained, tmp_path):
-    chromium = _chromium()
+    flags = headless_chromium(tmp_path / "profile")
     page = (trained[2] / "report.html").as_uri()
-    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*flags, "--virtual-time-budget=5000", "--dump-dom", page], capture_output=True, text=True, timeout=120)
     assert 'data-images-total="5"' in dom.stdout and 'data-images-loaded="5"' in dom.stdout, dom.stderr[-2000:]
     shot = tmp_path / "report.png"
