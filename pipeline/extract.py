@@ -467,6 +467,7 @@ def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, exp
     lock = base.with_suffix(".lock")
     try:
         with FileLock(lock, timeout=0), disk_full_as_user_error(base.parent, "features", " (finished chunks are kept)"):
+            location.remove_leftovers()
             summary = ExtractSummary(location.current() or base)
             previous = _previous(location.current(), expected, settings.force)
             partial = PartialRun(base.with_suffix(".partial"), expected)

@@ -82,6 +82,11 @@ class FeatureFiles:
     def segments(self) -> list[Path]:
         return sorted(self.base.parent.glob(f"{self.base.stem}.seg-*{self.base.suffix}"))
 
+    def remove_leftovers(self) -> None:
+        """Temporary files of this file's versions and segments that a killed writer left (call with the lock held)."""
+        for tmp in [*self.base.parent.glob(f"{self.base.stem}.*{self.base.suffix}.tmp"), self.base.with_name(self.base.name + ".tmp")]:
+            tmp.unlink(missing_ok=True)
+
     def _stamped(self, kind: str) -> Path:
         return self.base.with_name(f"{self.base.stem}.{kind}{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}{self.base.suffix}")
 
