@@ -7,7 +7,6 @@ is exactly what that layer sees), the feature dimension, the preprocessing and t
 
 from __future__ import annotations
 
-import hashlib
 import re
 import urllib.error
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from torchvision.transforms import v2 as T
 from torchvision.models import DenseNet121_Weights, ResNet50_Weights, VGG16_Weights, WeightsEnum
 
 from pipeline.errors import UserError
+from pipeline.files import file_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,14 +105,6 @@ def get_backbone(name: str) -> Backbone:
     if name not in BACKBONES:
         raise UserError(f"unknown backbone '{name}'; choose one of: {', '.join(BACKBONES)}")
     return BACKBONES[name]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_identity(backbone: Backbone, weights_file: Path | None) -> str:

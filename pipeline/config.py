@@ -84,7 +84,8 @@ class Settings:
     hidden: int = _setting(256, "hidden units of the head", low=1, high=2**16)
     dropout: float = _setting(0.2, "dropout probability of the head", low=0, high=1, high_open=True)
     lr: float = _setting(0.003, "Adam learning rate of the head", low=0, low_open=True)
-    head_batch_size: int = _setting(64, "vectors per optimisation step of the head", low=1, high=2**20)
+    head_batch_size: int = _setting(0, "vectors per optimisation step of the head; 0 picks from the train size "
+                                       "(64 up to 8192 vectors, then doubled per doubling: 1024 for 10^5)", low=0)
     val_fraction: float = _setting(0.1, "fraction of train held out (stratified) for choosing the epoch and C",
                                    low=0, high=1, low_open=True, high_open=True)
     # compare

@@ -18,6 +18,25 @@ from pipeline.config import DEFAULTS
 from pipeline.files import atomic_write
 
 
+SMALL_TRAIN = 8192  # up to this many training vectors, batch_size 0 means 64 (the seed notebook's batch)
+
+
+def auto_batch_size(n_train: int) -> int:
+    """64 up to ``SMALL_TRAIN`` vectors; above, doubled per doubling of the train size (1024 for 10^5 vectors),
+    so an epoch keeps about 64-128 optimisation steps and each step is a matmul big enough to use the cores."""
+    batch = 64
+    while n_train > SMALL_TRAIN * batch // 64:
+        batch *= 2
+    return batch
+
+
+def training_device(device: str = "auto") -> torch.device:
+    """CUDA when ``device`` is "auto" and ``torch.cuda.is_available()``, else the CPU; any other value is taken as is."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 class MLPHead(nn.Sequential):
     def __init__(self, in_features: int, n_classes: int, hidden: int = DEFAULTS.hidden, dropout: float = DEFAULTS.dropout):
         super().__init__(
@@ -40,46 +59,53 @@ class EpochLog:
 
 
 class HeadClassifier:
-    """NLLLoss + Adam; keeps the epoch with the lowest validation loss (early stopping after ``patience``)."""
+    """NLLLoss + Adam; keeps the epoch with the lowest validation loss (early stopping after ``patience``).
+
+    ``batch_size`` 0 picks it from the number of training vectors (``auto_batch_size``). ``device`` "auto" trains on
+    CUDA when ``torch.cuda.is_available()`` and on the CPU otherwise; the fitted model always ends on the CPU.
+    """
 
     def __init__(self, hidden: int = DEFAULTS.hidden, dropout: float = DEFAULTS.dropout, lr: float = DEFAULTS.lr,
                  epochs: int = DEFAULTS.epochs, batch_size: int = DEFAULTS.head_batch_size,
-                 patience: int = DEFAULTS.patience, seed: int = DEFAULTS.seed, verbose: bool = False):
+                 patience: int = DEFAULTS.patience, seed: int = DEFAULTS.seed, verbose: bool = False,
+                 device: str = "auto"):
         self.hidden, self.dropout, self.lr, self.epochs = hidden, dropout, lr, epochs
-        self.batch_size, self.patience, self.seed, self.verbose = batch_size, patience, seed, verbose
+        self.batch_size, self.patience, self.seed, self.verbose, self.device = batch_size, patience, seed, verbose, device
 
     def get_params(self) -> dict:
         return {k: getattr(self, k) for k in ("hidden", "dropout", "lr", "epochs", "batch_size", "patience", "seed")}
 
     def fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> HeadClassifier:
-        X, y = check_X_y(X, y, dtype=np.float32)
+        X, y = check_X_y(X, y, dtype=np.float32)  # float32 input is used as is (a view, no copy)
         X_val, y_val = check_X_y(X_val, y_val, dtype=np.float32)
         self.n_classes_ = int(n_classes or max(y.max(), y_val.max()) + 1)
         self.classes_ = np.arange(self.n_classes_)
+        self.batch_size_ = self.batch_size or auto_batch_size(len(X))
+        device = training_device(self.device)
         torch.manual_seed(self.seed)
         order = torch.Generator().manual_seed(self.seed)
-        self.model_ = MLPHead(X.shape[1], self.n_classes_, self.hidden, self.dropout)
+        self.model_ = MLPHead(X.shape[1], self.n_classes_, self.hidden, self.dropout).to(device)
         optimizer = torch.optim.Adam(self.model_.parameters(), lr=self.lr)
         loss_fn = nn.NLLLoss()
-        X_t, y_t = torch.from_numpy(X), torch.from_numpy(y.astype(np.int64))
-        Xv_t, yv_t = torch.from_numpy(X_val), torch.from_numpy(y_val.astype(np.int64))
+        X_t, y_t = torch.from_numpy(X).to(device), torch.from_numpy(y.astype(np.int64)).to(device)
+        Xv_t, yv_t = torch.from_numpy(X_val).to(device), torch.from_numpy(y_val.astype(np.int64)).to(device)
         self.history_: list[EpochLog] = []
         best_loss, best_state, waited = math.inf, None, 0
         for epoch in range(1, self.epochs + 1):
             self.model_.train()
-            total = 0.0
-            for batch in torch.randperm(len(X_t), generator=order).split(self.batch_size):
+            total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
+            for batch in torch.randperm(len(X_t), generator=order).to(device).split(self.batch_size_):
                 optimizer.zero_grad()
                 loss = loss_fn(self.model_(X_t[batch]), y_t[batch])
                 loss.backward()
                 optimizer.step()
-                total += loss.item() * len(batch)
+                total += loss.detach().double() * len(batch)
             self.model_.eval()
             with torch.no_grad():
                 log_probs = self.model_(Xv_t)
                 val_loss = loss_fn(log_probs, yv_t).item()
                 val_accuracy = (log_probs.argmax(1) == yv_t).float().mean().item()
-            log = EpochLog(epoch, total / len(X_t), val_loss, val_accuracy)
+            log = EpochLog(epoch, total.item() / len(X_t), val_loss, val_accuracy)
             self.history_.append(log)
             if self.verbose:
                 print(log.line(self.epochs))
@@ -90,7 +116,7 @@ class HeadClassifier:
                 if waited >= self.patience:
                     break
         self.model_.load_state_dict(best_state)
-        self.model_.eval()
+        self.model_.cpu().eval()
         return self
 
     def predict_proba(self, X) -> np.ndarray:

@@ -26,7 +26,7 @@ from pipeline.config import MODELS, Settings
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_error
 from pipeline.store import shown
-from pipeline.train import AUGMENTED_HEAD_FILE, TRAINING_FILE, load_trained, open_features
+from pipeline.train import AUGMENTED_HEAD_FILE, load_trained, open_features, read_training_record
 
 TITLES = {"head": "Head", "logreg": "Logistic regression"}
 CONFIDENCE = 0.95
@@ -138,9 +138,7 @@ def build_metrics(settings: Settings, data: Path | None = None) -> dict:
     created = str(attrs["created"])
     head = _load(folder, "head", created)
     baseline = _load(folder, "logreg", created)
-    if not (folder / TRAINING_FILE).is_file():
-        raise UserError(f"no {folder / TRAINING_FILE} beside the trained models; run `make train-head` again")
-    training = json.loads((folder / TRAINING_FILE).read_text())
+    training = read_training_record(folder)
     seed = training["seed"]
     data_root = Path(str(attrs["data_root"]))
     history = [vars(h) for h in head.history_]

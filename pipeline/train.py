@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import time
@@ -14,7 +15,7 @@ from sklearn.model_selection import train_test_split
 from pipeline.baseline import LogisticBaseline
 from pipeline.config import Settings
 from pipeline.errors import UserError
-from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_error
+from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_error, file_sha256
 from pipeline.head import HeadClassifier
 from pipeline.images import AUGMENTED
 from pipeline.store import FeatureStore, features_file
@@ -25,15 +26,39 @@ BASELINE_FILE = "logreg.json"
 TRAINING_FILE = "training.json"
 
 
+def _seal(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def read_training_record(folder: Path) -> dict:
+    """``training.json``: what the last completed ``train-head`` wrote (written last, after the model files): its
+    settings and the sha256 of every model file. Missing, damaged or edited, it is a UserError."""
+    path = folder / TRAINING_FILE
+    if not path.is_file():
+        raise UserError(f"no {path}; run `make train-head` with the same BACKBONE and CACHE first")
+    try:
+        record = json.loads(path.read_text())
+        intact = record.pop("sha256") == _seal(record)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        intact = False
+    if not intact:
+        raise UserError(f"{path} is damaged; run `make train-head` again")
+    return record
+
+
 def load_trained(folder: Path, model: str) -> tuple:
     """A trained classifier saved by ``train``, and its saved metadata: model is head, logreg or head_augmented.
 
-    A missing or unreadable file is a UserError telling to train again.
+    The file must be the one the last completed ``train-head`` recorded in ``training.json`` (same sha256), so a
+    damaged file, or one left by an interrupted run beside another run's files, is a UserError, never other numbers.
     """
     file, kind = {"head": (HEAD_FILE, HeadClassifier), "logreg": (BASELINE_FILE, LogisticBaseline),
                   "head_augmented": (AUGMENTED_HEAD_FILE, HeadClassifier)}[model]
     if not (folder / file).is_file():
         raise UserError(f"no trained {model} at {folder / file}; run `make train-head` with the same BACKBONE and CACHE first")
+    if read_training_record(folder)["files"].get(file) != file_sha256(folder / file):
+        raise UserError(f"{folder / file} is not the one the last completed train-head wrote (damaged, or left by an "
+                        f"interrupted run); run `make train-head` again")
     try:
         return kind.load(folder / file)
     except (OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as error:
@@ -86,31 +111,52 @@ class TrainResult:
     baseline_seconds: float
 
 
+READ_ROWS = 8192  # vectors per block when reading the train split into place
+
+
+def _read_in_order(store: FeatureStore, split: str, order: np.ndarray) -> np.ndarray:
+    """``store.features(split)[order]``, read block by block straight into its place: one array, never a second copy."""
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    X = np.empty((len(order), store.feature_dim), dtype=np.float32)
+    for start in range(0, len(order), READ_ROWS):
+        X[position[start:start + READ_ROWS]] = store.features(split, slice(start, start + READ_ROWS))
+    return X
+
+
 def train(settings: Settings, data: Path | None = None) -> TrainResult:
-    """Train head, baseline (and the augmented head when views are cached); the output folder is checked writable first."""
+    """Train head, baseline (and the augmented head when views are cached); the output folder is checked writable first.
+
+    The train vectors are held once, training rows first and validation rows after (as ``train_test_split``
+    ordered them), so both parts are views of one float32 array: no copy of the train matrix is made.
+    """
     folder = settings.backbone_dir()
     with open_features(settings, data) as store:
-        X, y, classes, paths = store.features("train"), store.labels("train"), store.classes, store.paths("train")
+        y, classes, paths = store.labels("train"), store.classes, store.paths("train")
+        counts = np.bincount(y, minlength=len(classes))
+        if counts.min() < 2:
+            raise UserError(f"class '{classes[counts.argmin()]}' has {counts.min()} usable train images; "
+                            f"the stratified validation split needs at least 2 per class")
+        try:
+            train_rows, val_rows = train_test_split(np.arange(len(y)), test_size=settings.val_fraction, stratify=y,
+                                                    random_state=settings.seed)
+        except ValueError as error:
+            raise UserError(f"cannot carve a stratified validation split ({error}); change --val-fraction") from None
+        order = np.concatenate([train_rows, val_rows])
+        X = _read_in_order(store, "train", order)
         views = (store.features(AUGMENTED), store.labels(AUGMENTED), store.paths(AUGMENTED)) if AUGMENTED in store.splits else None
         source = {"features_created": str(store.attrs["created"]), "backbone": store.backbone, "classes": classes,
                   "weights": store.fingerprint["weights"]}
-    counts = np.bincount(y, minlength=len(classes))
-    if counts.min() < 2:
-        raise UserError(f"class '{classes[counts.argmin()]}' has {counts.min()} usable train images; "
-                        f"the stratified validation split needs at least 2 per class")
-    try:
-        train_rows, val_rows = train_test_split(np.arange(len(y)), test_size=settings.val_fraction, stratify=y,
-                                                random_state=settings.seed)
-    except ValueError as error:
-        raise UserError(f"cannot carve a stratified validation split ({error}); change --val-fraction") from None
+    y, paths, n_train = y[order], [paths[i] for i in order], len(train_rows)
+    train_rows, val_rows = np.arange(n_train), np.arange(n_train, len(y))
+    X_train, y_train, X_val, y_val = X[:n_train], y[:n_train], X[n_train:], y[n_train:]  # views
     check_writable(folder)
     start = time.perf_counter()
     head = _new_head(settings)
-    head.fit(X[train_rows], y[train_rows], X[val_rows], y[val_rows], n_classes=len(classes))
+    head.fit(X_train, y_train, X_val, y_val, n_classes=len(classes))
     head_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    baseline = LogisticBaseline(seed=settings.seed).fit(X[train_rows], y[train_rows], X[val_rows], y[val_rows],
-                                                        n_classes=len(classes))
+    baseline = LogisticBaseline(seed=settings.seed).fit(X_train, y_train, X_val, y_val, n_classes=len(classes))
     baseline_seconds = time.perf_counter() - start
     augmented = {}
     with disk_full_as_user_error(folder, "train-head"):
@@ -120,7 +166,7 @@ def train(settings: Settings, data: Path | None = None) -> TrainResult:
                                         folder / AUGMENTED_HEAD_FILE, source)
         head.save(folder / HEAD_FILE, **source)
         baseline.save(folder / BASELINE_FILE, **source)
-        atomic_write_text(folder / TRAINING_FILE, json.dumps({
+        record = {
             **source,
             "n_train": len(train_rows),
             "n_val": len(val_rows),
@@ -128,7 +174,9 @@ def train(settings: Settings, data: Path | None = None) -> TrainResult:
             "head_seconds": head_seconds,
             "logreg_seconds": baseline_seconds,
             "augmented": augmented,
-        }, indent=2))
+            "files": {f: file_sha256(folder / f) for f in (HEAD_FILE, BASELINE_FILE, AUGMENTED_HEAD_FILE) if (folder / f).is_file()},
+        }
+        atomic_write_text(folder / TRAINING_FILE, json.dumps({**record, "sha256": _seal(record)}, indent=2))
     print(f"train-head: head best epoch {head.best_epoch_} (val accuracy {head.history_[head.best_epoch_ - 1].val_accuracy:.1%}), "
           f"{head_seconds:.1f} s | logreg C={baseline.C_} (val accuracy {baseline.val_scores_[baseline.C_]['val_accuracy']:.1%}), "
           f"{baseline_seconds:.1f} s | saved to {folder}")

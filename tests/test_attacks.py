@@ -29,7 +29,7 @@ LITE = ("--backbone", "efficientnet_lite0")
 
 
 def settings(data, cache, **kwargs) -> Settings:
-    return Settings(data=data, cache=cache, backbone="efficientnet_lite0", **kwargs)
+    return Settings(cache=cache, backbone="efficientnet_lite0", **({"data": data} if data is not None else {}), **kwargs)
 
 
 def snapshot(cache) -> dict[str, dict[tuple[str, int], np.ndarray]]:
@@ -392,3 +392,38 @@ def test_a_bad_image_is_listed_once_however_many_views_are_cached(tmp_path):
     assert [(split, record.path) for split, record in summary.skipped] == [("train", "train/cat/zz.png")]
     assert summary.images == {"train": 6, "test": 2, "train_aug": 18}
     assert extract(settings(data, tmp_path / "cache", augment=3)).up_to_date  # its views are not retried either
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    data = make_images(root / "data", {"train": 6, "test": 2})
+    extract(settings(data, root / "cache"))
+    assert run_cli("train-head", "--cache", root / "cache", *LITE, "--epochs", "2") == 0
+    return root / "cache"
+
+
+def test_an_edited_model_file_is_refused_not_read_as_other_numbers(trained, tmp_path):
+    from pipeline.report import build_metrics
+
+    for name, edit in (("logreg.json", lambda text: text.replace('"coef": [[', '"coef": [[9', 1)),
+                       ("training.json", lambda text: text.replace('"seed": 0', '"seed": 1', 1))):
+        cache = tmp_path / name
+        shutil.copytree(trained, cache)
+        file = cache / "efficientnet_lite0" / name
+        file.write_text(edit(file.read_text()))
+        with pytest.raises(UserError, match="run `make train-head` again"):
+            build_metrics(settings(None, cache))
+
+
+@pytest.mark.slow
+def test_a_killed_train_head_never_leaves_a_mix_of_two_runs(trained, tmp_path):
+    from pipeline.report import build_metrics
+
+    cache = tmp_path / "cache"
+    shutil.copytree(trained, cache)
+    _kill_at("file-after-rename:1", ["train-head", "--cache", cache, *LITE, "--epochs", "2", "--seed", "3"])
+    with pytest.raises(UserError, match="not the one the last completed train-head wrote"):
+        build_metrics(settings(None, cache))
+    assert run_cli("train-head", "--cache", cache, *LITE, "--epochs", "2") == 0
+    assert build_metrics(settings(None, cache))["n_test"] == 4

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
+from scipy.special import logsumexp
 from sklearn.datasets import make_blobs
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
-from pipeline.baseline import LogisticBaseline
-from pipeline.head import HeadClassifier, MLPHead
+from pipeline import train as train_module
+from pipeline.baseline import LogisticBaseline, standardiser
+from pipeline.head import HeadClassifier, MLPHead, auto_batch_size
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +91,94 @@ def test_baseline_saves_coefficients_as_json_and_loads_them_exactly(tmp_path, bl
     loaded, meta = LogisticBaseline.load(tmp_path / "logreg.json")
     np.testing.assert_array_equal(loaded.predict_proba(Xt), baseline.predict_proba(Xt))
     assert loaded.predict_proba(Xt).shape == (len(Xt), 3) and meta["backbone"] == "b"
+
+
+def test_head_batch_size_zero_is_64_for_small_sets_and_grows_with_the_train_size(blobs):
+    X, y, Xv, yv, Xt, _ = blobs
+    assert auto_batch_size(len(X)) == auto_batch_size(8192) == 64
+    assert auto_batch_size(8193) == 128 and auto_batch_size(90_000) == 1024
+    auto, fixed = (HeadClassifier(epochs=2, batch_size=b).fit(X, y, Xv, yv) for b in (0, 64))
+    assert auto.batch_size_ == 64 and auto.get_params()["batch_size"] == 0
+    np.testing.assert_array_equal(auto.predict_proba(Xt), fixed.predict_proba(Xt))
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_baseline_solves_scikit_learns_problem(blobs, n_classes):
+    """Same objective, same optimiser and stopping rule: coefficients and probabilities as scikit-learn's, binary too."""
+    X, y, Xv, yv, Xt, _ = blobs
+    X, y, Xv, yv = X[y < n_classes], y[y < n_classes], Xv[yv < n_classes], yv[yv < n_classes]
+    X, Xv, Xt = (a * 0.5 + 3.0 for a in (X, Xv, Xt))  # features far from centred: the folded standardisation
+    for C in (0.01, 1.0):
+        ours = LogisticBaseline(Cs=(C,)).fit(X, y, Xv, yv)
+        reference = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000)).fit(X.astype(np.float64), y)
+        coef = reference.named_steps["logisticregression"].coef_
+        assert ours.pipeline_.named_steps["logisticregression"].coef_.shape == coef.shape
+        np.testing.assert_allclose(ours.pipeline_.named_steps["logisticregression"].coef_, coef, atol=1e-4 * np.abs(coef).max())
+        np.testing.assert_allclose(ours.predict_proba(Xt)[:, :n_classes], reference.predict_proba(Xt), atol=1e-4)
+
+
+def _objective(baseline: LogisticBaseline, X, y) -> float:
+    """scikit-learn's: C * (sum of multinomial log losses on standardised X) + 0.5 * ||coef||^2, in float64."""
+    scaler = baseline.pipeline_.named_steps["standardscaler"]
+    logreg = baseline.pipeline_.named_steps["logisticregression"]
+    z = scaler.transform(X.astype(np.float64)) @ logreg.coef_.T + logreg.intercept_
+    log_p = z - logsumexp(z, axis=1, keepdims=True)
+    return baseline.C_ * -log_p[np.arange(len(y)), y].sum() + 0.5 * (logreg.coef_ ** 2).sum()
+
+
+def test_baseline_warm_start_needs_fewer_iterations_and_ends_near_the_optimum(blobs):
+    X, y, _, _, _, _ = blobs
+    # validated on its own training data the weaker penalty (C=1) wins; the path reached it from C=0.01's solution
+    path = LogisticBaseline(Cs=(0.01, 1.0)).fit(X, y, X, y)
+    cold = LogisticBaseline(Cs=(1.0,)).fit(X, y, X, y)
+    optimum = _objective(LogisticBaseline(Cs=(1.0,), tol=1e-7).fit(X, y, X, y), X, y)
+    assert path.C_ == cold.C_ == 1.0 and path.n_iter_[1.0] < cold.n_iter_[1.0]
+    assert optimum <= _objective(path, X, y) <= optimum * 1.01 and optimum <= _objective(cold, X, y) <= optimum * 1.01
+
+
+def test_standardiser_is_standard_scalers(blobs):
+    X = blobs[0].copy()
+    X[:, 0] = 7.0  # constant: scale 1, as StandardScaler
+    mean, scale = standardiser(X, block=64)
+    reference = StandardScaler().fit(X.astype(np.float64))
+    np.testing.assert_allclose(mean, reference.mean_, rtol=1e-12)
+    np.testing.assert_allclose(scale, reference.scale_, rtol=1e-9)
+    assert scale[0] == 1.0
+
+
+def test_baseline_needs_two_classes(blobs):
+    X, y, Xv, yv, _, _ = blobs
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        LogisticBaseline().fit(X[y == 0], y[y == 0], Xv, yv)
+
+
+@pytest.mark.parametrize("model", ["head", "logreg"])
+def test_fit_makes_no_copy_of_float32_train_vectors(model):
+    """No float64 or float32 copy of X (numpy allocations are traced; a copy would be >= X.nbytes)."""
+    X, y = make_blobs(n_samples=50_000, n_features=32, centers=3, random_state=0)
+    X = X.astype(np.float32)
+    X_train, y_train, X_val, y_val = X[:45_000], y[:45_000], X[45_000:], y[45_000:]  # views, as train-head passes
+    fit = (lambda: HeadClassifier(epochs=1).fit(X_train, y_train, X_val, y_val)) if model == "head" else \
+        (lambda: LogisticBaseline(Cs=(1.0,)).fit(X_train, y_train, X_val, y_val))
+    tracemalloc.start()
+    try:
+        fit()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < X_train.nbytes / 2
+
+
+def test_train_split_is_read_in_place_in_training_then_validation_order(monkeypatch):
+    monkeypatch.setattr(train_module, "READ_ROWS", 3)
+    vectors = np.arange(20, dtype=np.float32).reshape(10, 2)
+
+    class Store:
+        feature_dim = 2
+
+        def features(self, split, rows):
+            assert split == "train" and isinstance(rows, slice)
+            return vectors[rows]
+
+    order = np.random.default_rng(0).permutation(10)
+    np.testing.assert_array_equal(train_module._read_in_order(Store(), "train", order), vectors[order])
