@@ -221,7 +221,7 @@ def test_predict_refuses_a_damaged_head(trained, tmp_path, monkeypatch):
     head = (folder / "head.pt").read_bytes()
     (folder / "head.pt").write_bytes(head[: len(head) // 2])
     monkeypatch.setattr("pipeline.predict.load_backbone", _never)
-    with pytest.raises(UserError, match="cannot read the trained head .*; run `make train-head` again"):
+    with pytest.raises(UserError, match="head.pt is not the one the last completed train-head wrote .*; run `make train-head` again"):
         predict(Settings(cache=tmp_path / "cache", backbone="efficientnet_lite0"), [trained[0] / "test/cat/cat0.png"])
 
 
