@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,19 @@ def make_images(root: Path, per_class: dict[str, int], classes=("cat", "dog"), s
 @pytest.fixture
 def tiny_data(tmp_path: Path) -> Path:
     return make_images(tmp_path / "data", {"train": 10, "test": 4})
+
+
+@contextmanager
+def tmpfs(folder: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of ``size`` bytes mounted on ``folder`` (skips the test where mounting is not allowed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not shutil.which("mount") or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder],
+                                                   capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root and mount)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", folder], check=True)
 
 
 def run_cli(*args: str) -> int:

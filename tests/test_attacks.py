@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, make_images, run_cli, run_cli_process
+from conftest import REPO, make_images, run_cli, run_cli_process, tmpfs
 from pipeline import extract as extract_module
 from pipeline.config import Settings
 from pipeline.errors import UserError
@@ -353,13 +353,8 @@ def test_a_folder_where_the_feature_file_should_be_is_refused_before_any_work(tm
 @pytest.fixture
 def small_disk(tmp_path):
     """A 700 KiB tmpfs: big enough for the chunks, too small for the assembled file beside them."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    with tmpfs(tmp_path / "small-disk", 700 * 1024) as mount:
+        yield mount
 
 
 def test_a_disk_that_fills_during_assembly_is_one_line_and_leaves_no_temporary(clean, small_disk):

@@ -6,7 +6,6 @@ import io
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -17,7 +16,7 @@ import torch
 from filelock import FileLock
 from PIL import Image
 
-from conftest import REPO, make_images, run_cli, run_cli_process
+from conftest import REPO, make_images, run_cli, run_cli_process, tmpfs
 
 LITE = ("--backbone", "efficientnet_lite0")
 
@@ -185,13 +184,8 @@ def test_an_unwritable_cache_is_refused(tmp_path, tiny_data):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 96 KiB tmpfs: the disk fills up part-way through extraction."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    with tmpfs(tmp_path / "small-disk", 96 * 1024) as mount:
+        yield mount
 
 
 def test_a_full_disk_is_a_clear_error_and_leaves_nothing_half_written(tiny_data, tiny_disk):

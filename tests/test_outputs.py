@@ -8,8 +8,6 @@ import math
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import pytest
 from PIL import Image
 
 import pipeline.files
-from conftest import make_images, run_cli, run_cli_process
+from conftest import make_images, run_cli, run_cli_process, tmpfs
 from pipeline import plots
 from pipeline.compare import compare
 from pipeline.config import Settings
@@ -87,19 +85,6 @@ class DiskFull:
 
     def open(self, path, mode: str = "r", *args, **kwargs):
         return _FillingFile(open(path, mode, *args, **kwargs), self)
-
-
-@contextmanager
-def tmpfs(folder: Path, size: int) -> Iterator[Path]:
-    """A tmpfs of ``size`` bytes mounted on ``folder`` (skips the test where mounting is not allowed)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if not shutil.which("mount") or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder],
-                                                   capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root and mount)")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", folder], check=True)
 
 
 def _pages(folder: Path) -> int:
