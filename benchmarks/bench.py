@@ -27,8 +27,8 @@ from pipeline.backbones import get_backbone, load_backbone
 from pipeline.config import DEFAULTS, Settings
 from pipeline.extract import decode_workers, extract
 from pipeline.head import HeadClassifier, MLPHead
-from pipeline.images import (ImageFiles, collate_good, jpeg_decoder, load_image, load_rgb,
-                             scan_dataset)
+from pipeline.images import ImageFiles, collate_good, jpeg_decoder, load_image, load_rgb
+from pipeline.listing import scan_dataset
 from pipeline.inference import prepare, resolve_device, runtime_installed
 from pipeline.store import FeatureStore, features_file
 

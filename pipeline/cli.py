@@ -6,6 +6,7 @@ scikit-learn or matplotlib."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -25,11 +26,10 @@ CHECKS_DATA = "check that the cache was made from this dataset (default: whichev
 
 
 def _run_features(settings: Settings, data: Path | None) -> None:
-    from pipeline import distributed
-    from pipeline.extract import extract
+    from pipeline.freshness import TORCHRUN_VARIABLES, bring_up_to_date
 
-    summary = extract(settings)
-    if distributed.current().rank == 0:
+    summary = bring_up_to_date(settings)
+    if int(os.environ.get(TORCHRUN_VARIABLES[0], 0)) == 0:
         print(summary.line())
 
 
@@ -53,7 +53,7 @@ def _run_all(settings: Settings, data: Path | None) -> None:
 
 def _run_predict(settings: Settings, data: Path | None, images: list[Path]) -> None:
     from pipeline.predict import predict, render
-    from pipeline.store import shown
+    from pipeline.listing import shown
 
     predictions = predict(settings, images, settings.model, settings.top_k)
     print(render(predictions, settings.format, settings.top_k))

@@ -8,8 +8,8 @@ import json
 from pipeline.backbones import get_backbone
 from pipeline.config import Settings
 from pipeline.errors import UserError
-from pipeline.extract import extract
 from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_error
+from pipeline.freshness import bring_up_to_date
 from pipeline.report import report
 from pipeline.train import train
 
@@ -26,7 +26,7 @@ def compare(settings: Settings) -> list[dict]:
         one = dataclasses.replace(settings, backbone=name)
         try:
             get_backbone(name)
-            print(extract(one).line())
+            print(bring_up_to_date(one).line())
             train(one, settings.data)
             metrics = report(one, settings.data)
         except UserError as error:

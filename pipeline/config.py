@@ -85,7 +85,7 @@ class Settings:
     dropout: float = _setting(0.2, "dropout probability of the head", low=0, high=1, high_open=True)
     lr: float = _setting(0.003, "Adam learning rate of the head", low=0, low_open=True)
     head_batch_size: int = _setting(0, "vectors per optimisation step of the head; 0 picks from the train size "
-                                       "(64 up to 8192 vectors, then doubled per doubling: 1024 for 10^5)", low=0)
+                                       "(64 up to 8192 vectors, then doubled per doubling: 1024 for 10^5)", low=0, high=2**20)
     val_fraction: float = _setting(0.1, "fraction of train held out (stratified) for choosing the epoch and C",
                                    low=0, high=1, low_open=True, high_open=True)
     # compare

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from pipeline import faults
 from pipeline.errors import UserError
-from pipeline.images import DatasetListing, SplitListing
+from pipeline.listing import DatasetListing, SplitListing
 from pipeline.store import BLOCK_ROWS, FeatureFiles, FeatureStore, Placement, Source, SplitIndex, StoreWriter, reserve_bytes
 
 

@@ -30,19 +30,19 @@ from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import distributed, faults
+from pipeline import distributed, faults, freshness
 from pipeline.backbones import Backbone, check_weights, get_backbone, load_backbone, weights_identity
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.files import check_writable, disk_full_as_user_error
-from pipeline.images import (AUGMENTED, NO_VIEW, BadImage, DatasetListing, ImageFiles, augmented_views, collate_good, file_digest, jpeg_decoder,
-                             scan_dataset)
+from pipeline.freshness import ExtractSummary
+from pipeline.images import ImageFiles, collate_good, file_digest, jpeg_decoder
+from pipeline.listing import AUGMENTED, NO_VIEW, BadImage, DatasetListing, augmented_views, scan_dataset
 from pipeline.inference import RUNTIME_PACKAGES, check_runtime, prepare, resolve_device, runtime_installed
 from pipeline.partial import ChunkRow, PartialRun
 from pipeline.store import (BLOCK_ROWS, ROWS_PER_CHUNK, FeatureFiles, FeatureStore, ImageKey, Placement, SkipRecord, Source,
-                            SplitIndex, StoreWriter, features_file, reserve_bytes, shown)
+                            SplitIndex, StoreWriter, features_file, reserve_bytes)
 
-SKIPS_LISTED = 50  # skipped files listed under the summary line; all of them are in the file and the report
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -70,46 +70,6 @@ def fingerprint(backbone: Backbone, settings: Settings) -> dict:
         "storage": settings.storage,
         "versions": library_versions(settings.runtime),
     }
-
-
-@dataclass
-class ExtractSummary:
-    path: Path
-    images: dict[str, int] = field(default_factory=dict)
-    reused: int = 0
-    resumed: int = 0
-    extracted: int = 0
-    removed: int = 0
-    repaired: int = 0  # stored vectors redone because their image changed in place or their checksum failed
-    skipped: list[tuple[str, SkipRecord]] = field(default_factory=list)
-    seconds: float = 0.0
-    backbone_seconds: float = 0.0  # inside the forward (device copies included); the rest is decoding and writing
-    up_to_date: bool = False
-    size_bytes: int = 0  # the file and the segments or parts it reads
-
-    def describe(self, store: FeatureStore) -> None:
-        """Fill in the vector counts and skipped files from the file itself."""
-        self.images = {s: len(store.paths(s)) for s in store.splits}
-        self.skipped = store.skipped_files()
-        self.size_bytes = store.size_bytes()
-
-    def line(self) -> str:
-        size = self.size_bytes / 1e6
-        split_counts = ", ".join(f"{n} {s}" for s, n in self.images.items())
-        rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds else ""
-        if rate and self.backbone_seconds:
-            rate += f", backbone busy {self.backbone_seconds / self.seconds:.0%} of it"
-        state = "up to date" if self.up_to_date else f"extracted {self.extracted}"
-        repaired = f", repaired {self.repaired}" if self.repaired else ""
-        skipped = [f"  skipped {shown(record.path)}: {record.reason}" for _, record in self.skipped[:SKIPS_LISTED]]
-        if len(self.skipped) > SKIPS_LISTED:
-            skipped.append(f"  ... and {len(self.skipped) - SKIPS_LISTED} more, all listed in report.md and {self.path.name}")
-        return "\n".join([
-            f"features: {state} | {sum(self.images.values())} vectors ({split_counts}) in {self.path} ({size:.1f} MB) | "
-            f"reused {self.reused}, resumed {self.resumed}, removed {self.removed}{repaired}, skipped {len(self.skipped)} | "
-            f"{self.seconds:.1f} s{rate}",
-            *skipped,
-        ])
 
 
 def _previous(path: Path | None, expected: dict, force: bool) -> FeatureStore | None:
@@ -414,10 +374,9 @@ def _throughput(images: int, seconds: float, previous: FeatureStore | None) -> f
     return float(previous.attrs.get("throughput_img_s", 0.0)) if previous is not None else 0.0
 
 
-def extract(settings: Settings) -> ExtractSummary:
-    """Bring ``CACHE/<backbone>/features.h5`` up to date with ``DATA``; see the module docstring.
-
-    Under torchrun each rank brings its own part file up to date and rank 0 joins the parts."""
+def extract(settings: Settings, listing: DatasetListing | None = None) -> ExtractSummary:
+    """Bring ``CACHE/<backbone>/features.h5`` up to date with ``DATA`` (``listing``: its scan, when already made); see
+    the module docstring. Under torchrun each rank brings its own part file up to date and rank 0 joins the parts."""
     start = time.perf_counter()
     backbone = get_backbone(settings.backbone)
     rank = distributed.current()
@@ -425,7 +384,7 @@ def extract(settings: Settings) -> ExtractSummary:
     check_runtime(settings.runtime, device)
     if settings.weights is not None:
         check_weights(backbone, settings.weights)
-    listing = scan_dataset(settings.data)
+    listing = listing if listing is not None else scan_dataset(settings.data)
     if not listing.splits["test"].entries:
         raise UserError(f"{settings.data}/test has no images in class folders; put test images in test/<class>/ "
                         f"(the report scores them)")
@@ -438,7 +397,8 @@ def extract(settings: Settings) -> ExtractSummary:
         raise UserError(f"{target} is not a regular file; remove it, then run `make features` again")
     check_writable(folder)
     if not rank.distributed:
-        summary = _update(settings, listing, backbone, expected, FeatureFiles(target), device)
+        summary = _update(settings, listing, backbone, expected, FeatureFiles(target), device,
+                          (freshness.record_file(settings), freshness.run_key(settings, listing)))
     else:
         distributed.start(device)
         try:
@@ -459,14 +419,17 @@ def extract(settings: Settings) -> ExtractSummary:
     return summary
 
 
-def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, expected: dict,
-            location: FeatureFiles, device: torch.device) -> ExtractSummary:
-    """Bring one feature file (``features.h5``, or a rank's part) up to date."""
+def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, expected: dict, location: FeatureFiles,
+            device: torch.device, record: tuple[Path, freshness.RunKey] | None = None) -> ExtractSummary:
+    """Bring one feature file (``features.h5``, or a rank's part) up to date; ``record``: where its freshness record
+    goes, and the run's key (see ``pipeline.freshness``)."""
     start = time.perf_counter()
     base = location.base
     lock = base.with_suffix(".lock")
     try:
         with FileLock(lock, timeout=0), disk_full_as_user_error(base.parent, "features", " (finished chunks are kept)"):
+            if record is not None:
+                freshness.forget(record[0])
             location.remove_leftovers()
             summary = ExtractSummary(location.current() or base)
             previous = _previous(location.current(), expected, settings.force)
@@ -479,6 +442,8 @@ def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, exp
             if previous is not None and not (plan.todo or plan.removed or plan.resumed or plan.listing_changed):
                 summary.up_to_date = True
                 summary.describe(previous)
+                if record is not None:
+                    freshness.remember(*record, summary, previous.files())
                 previous.close()
                 partial.remove()
                 return summary
@@ -525,9 +490,11 @@ def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, exp
             summary.reused = len(plan.old_rows) + len(plan.old_skips)
             if previous is not None:
                 previous.close()
+            partial.remove()
             with FeatureStore(target) as written:
                 summary.describe(written)
-            partial.remove()
+                if record is not None:
+                    freshness.remember(*record, summary, written.files())
     except Timeout:
         raise UserError(f"another `features` run is writing {base} (lock {lock}); wait for it to finish") from None
     return summary

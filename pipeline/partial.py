@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import faults
 from pipeline.errors import UserError
 from pipeline.files import atomic_write, atomic_write_text
-from pipeline.images import DIGEST_BYTES
+from pipeline.listing import DIGEST_BYTES
 from pipeline.store import ImageKey
 
 

@@ -19,8 +19,9 @@ from matplotlib.colors import Colormap, ListedColormap  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from pipeline.files import atomic_write  # noqa: E402
-from pipeline.images import BadImage, load_rgb  # noqa: E402
-from pipeline.store import shown  # noqa: E402
+from pipeline.images import load_rgb
+from pipeline.listing import BadImage
+from pipeline.listing import shown  # noqa: E402
 
 TSNE_MAX_POINTS = 1500
 MAP_MINIMUM = 2  # vectors, and dimensions, that a 2-D map needs

@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader
 from pipeline.backbones import get_backbone, load_backbone, weights_identity
 from pipeline.config import Settings, check_value
 from pipeline.errors import UserError
-from pipeline.images import NO_VIEW, BadImage, ImageFiles, Skipped, collate_good, image_stat, walk_folder
+from pipeline.images import ImageFiles, collate_good
+from pipeline.listing import NO_VIEW, BadImage, Skipped, image_stat, walk_folder
 from pipeline.inference import prepare, resolve_device
-from pipeline.store import shown
+from pipeline.listing import shown
 from pipeline.train import load_trained
 
 

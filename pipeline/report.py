@@ -25,7 +25,7 @@ from pipeline import plots
 from pipeline.config import MODELS, Settings
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_error
-from pipeline.store import shown
+from pipeline.listing import shown
 from pipeline.train import AUGMENTED_HEAD_FILE, load_trained, open_features, read_training_record
 
 TITLES = {"head": "Head", "logreg": "Logistic regression"}

@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline import faults
 from pipeline.errors import UserError
-from pipeline.images import DIGEST_BYTES, NO_VIEW
+from pipeline.listing import DIGEST_BYTES, NO_VIEW
 from pipeline.files import fsync_dir
 
 FORMAT = "pipeline-features"
@@ -89,13 +89,6 @@ class FeatureFiles:
 
     def _stamped(self, kind: str) -> Path:
         return self.base.with_name(f"{self.base.stem}.{kind}{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}{self.base.suffix}")
-
-
-def shown(path: str) -> str:
-    """A path as one line of text anyone can print: bytes that are not UTF-8 appear as \\xNN escapes, control
-    characters (a newline in a file name) as their escapes."""
-    text = os.fsencode(path).decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class ImageKey(NamedTuple):
@@ -290,9 +283,12 @@ class FeatureStore:
         """Where the split's vectors lie, for a file that maps them from its ``sources``; None for a plain file."""
         return self._placements.get(split)
 
-    def size_bytes(self) -> int:
+    def files(self) -> list[Path]:
         """This file and every file it reads vectors from."""
-        return self.path.stat().st_size + sum((self.path.parent / s.name).stat().st_size for s in self.sources)
+        return [self.path, *(self.path.parent / s.name for s in self.sources)]
+
+    def size_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.files())
 
     def __enter__(self) -> FeatureStore:
         return self

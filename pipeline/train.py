@@ -17,7 +17,7 @@ from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_error, file_sha256
 from pipeline.head import HeadClassifier
-from pipeline.images import AUGMENTED
+from pipeline.listing import AUGMENTED
 from pipeline.store import FeatureStore, features_file
 
 HEAD_FILE = "head.pt"

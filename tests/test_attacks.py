@@ -21,9 +21,9 @@ from pipeline import extract as extract_module
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.extract import extract
-from pipeline.images import scan_dataset
+from pipeline.listing import scan_dataset, shown
 from pipeline.predict import Prediction, render
-from pipeline.store import FeatureStore, features_file, shown
+from pipeline.store import FeatureStore, features_file
 
 LITE = ("--backbone", "efficientnet_lite0")
 
@@ -331,7 +331,7 @@ def test_a_split_whose_images_are_all_bad_is_stored_empty(tmp_path):
     (data / "test" / "cat").mkdir(parents=True)
     (data / "test" / "cat" / "bad.jpg").write_bytes(b"not a jpeg")
     summary = extract(settings(data, tmp_path / "cache"))
-    assert summary.images == {"train": 6, "test": 0} and [r.path for _, r in summary.skipped] == ["test/cat/bad.jpg"]
+    assert summary.images == {"train": 6, "test": 0} and [s.path for s in summary.skipped] == ["test/cat/bad.jpg"]
     assert extract(settings(data, tmp_path / "cache")).up_to_date
 
 
@@ -384,7 +384,7 @@ def test_a_bad_image_is_listed_once_however_many_views_are_cached(tmp_path):
     data = make_images(tmp_path / "data", {"train": 3, "test": 1})
     (data / "train" / "cat" / "zz.png").write_bytes(b"junk")
     summary = extract(settings(data, tmp_path / "cache", augment=3))
-    assert [(split, record.path) for split, record in summary.skipped] == [("train", "train/cat/zz.png")]
+    assert [record.path for record in summary.skipped] == ["train/cat/zz.png"]
     assert summary.images == {"train": 6, "test": 2, "train_aug": 18}
     assert extract(settings(data, tmp_path / "cache", augment=3)).up_to_date  # its views are not retried either
 

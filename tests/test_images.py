@@ -18,7 +18,8 @@ from torchvision.transforms.functional import pil_to_tensor
 from conftest import make_images
 from pipeline.errors import UserError
 from pipeline import images
-from pipeline.images import BadImage, load_image, load_rgb, scan_dataset
+from pipeline.images import load_image, load_rgb
+from pipeline.listing import BadImage, scan_dataset
 from pipeline.predict import image_files
 
 
@@ -225,14 +226,21 @@ def test_scan_skips_special_files_and_bad_links_with_reasons(tmp_path, monkeypat
 def test_scan_skips_an_entry_it_cannot_read_with_the_error(tmp_path, monkeypatch):
     root = make_images(tmp_path / "data", {"train": 2, "test": 1})
     locked = str(root / "train" / "cat" / "cat0.png")
-    real_stat = os.stat
+    real_scandir = os.scandir
 
-    def stat(path, *args, **kwargs):
-        if os.fspath(path) == locked:
-            raise PermissionError(errno.EACCES, "Permission denied", path)
-        return real_stat(path, *args, **kwargs)
+    class Entry:  # a directory entry whose stat fails, as on a file this user may not read the metadata of
+        def __init__(self, entry: os.DirEntry):
+            self.entry, self.name, self.path = entry, entry.name, entry.path
 
-    monkeypatch.setattr(os, "stat", stat)
+        def is_dir(self) -> bool:
+            return self.entry.is_dir()
+
+        def stat(self) -> os.stat_result:
+            if self.path == locked:
+                raise PermissionError(errno.EACCES, "Permission denied", self.path)
+            return self.entry.stat()
+
+    monkeypatch.setattr(os, "scandir", lambda path: [Entry(e) for e in real_scandir(path)])
     listing = scan_dataset(root)
     assert _skips(listing)["train/cat/cat0.png"] == "Permission denied"
     assert len(listing.splits["train"].entries) == 3

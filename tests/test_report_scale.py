@@ -19,7 +19,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from pipeline import plots
 from pipeline.config import Settings
-from pipeline.images import NO_VIEW
+from pipeline.listing import NO_VIEW
 from pipeline.report import BOOTSTRAP_RESAMPLES, MOST_CONFUSED, bootstrap_balanced_accuracy, report, wilson_interval
 from pipeline.store import ImageKey, SplitIndex, StoreWriter, features_file
 from pipeline.train import train
