@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from pipeline.errors import UserError
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's ImageFolder's
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision ImageFolder's (a test keeps them equal)
 SPLITS = ("train", "test")
 AUGMENTED = "train_aug"  # the pseudo-split of augmented views of train images
 NO_VIEW = -1  # an entry that is the image itself, not one of its augmented views

@@ -250,7 +250,6 @@ def test_random_byte_flips_are_refused_or_harmless_never_silent(clean, tmp_path)
 def test_after_random_flips_features_rebuilds_and_stage_two_refuses_in_one_line(clean, tmp_path):
     data, clean_cache = clean
     rng = np.random.default_rng(1)
-    original = features_file(clean_cache / "efficientnet_lite0")
     for trial in range(4):
         cache = tmp_path / f"cache{trial}"
         shutil.copytree(clean_cache, cache)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import signal
-import sys
-import time
 
 import h5py
 import numpy as np
@@ -16,7 +13,7 @@ import torch
 from filelock import FileLock
 from PIL import Image
 
-from conftest import REPO, make_images, run_cli, run_cli_process, tmpfs
+from conftest import make_images, run_cli, run_cli_process, tmpfs
 
 LITE = ("--backbone", "efficientnet_lite0")
 

@@ -19,7 +19,7 @@ from conftest import make_images
 from pipeline.errors import UserError
 from pipeline import images
 from pipeline.images import load_image, load_rgb
-from pipeline.listing import BadImage, scan_dataset
+from pipeline.listing import IMG_EXTENSIONS, BadImage, scan_dataset
 from pipeline.predict import image_files
 
 
@@ -293,3 +293,10 @@ def test_predict_lists_with_the_scans_rules(tmp_path, monkeypatch):
     assert [p.skipped for p in skipped[-2:]] == ["not a regular file (FIFO)", "broken symbolic link"]
     with pytest.raises(UserError, match="does not exist"):
         image_files([folder / "nothing.png"])
+
+
+def test_the_extensions_are_torchvisions():
+    """Kept as a copy so that listing a dataset never imports torch; ImageFolder's list is the reference."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS as TORCHVISION
+
+    assert set(IMG_EXTENSIONS) == set(TORCHVISION)
