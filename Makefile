@@ -18,7 +18,7 @@ PREDICT_FLAGS = $(LOCATION) $(call flag,DEVICE,device) $(call flag,WEIGHTS,weigh
 
 help: ## list targets and variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: DATA BACKBONE CACHE DEVICE WEIGHTS SEED EPOCHS PRECISION RUNTIME STORAGE BATCH_SIZE WORKERS FORCE=1 VERIFY=1 AUGMENT NPROC MERGE=1 IMAGES MODEL TOP_K FORMAT BACKBONES (defaults: pipeline/config.py)"
+	@echo "  variables: DATA BACKBONE CACHE DEVICE WEIGHTS SEED EPOCHS PRECISION RUNTIME STORAGE BATCH_SIZE WORKERS FORCE=1 VERIFY=1 AUGMENT NPROC MERGE=1 IMAGES MODEL TOP_K FORMAT BACKBONES SCALE_N (defaults: pipeline/config.py)"
 
 install: ## create .venv and install the package with its dev extra
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
@@ -49,9 +49,10 @@ test: ## run the whole test suite (unit, fault-injection and the integration tes
 test-fast: ## unit tests only (no fault injection, torchrun or real data)
 	$(PYTHON) -m pytest -m "not slow and not integration"
 
-bench: ## measure stage one, time-to-head, CPU runtimes and memory; writes CACHE/bench.json
+bench: ## measure stage one, time-to-head, CPU runtimes, memory, and cost against N (SCALE_N="10000 100000"); writes CACHE/bench.json
 	$(PYTHON) benchmarks/bench.py $(call flag,BACKBONE,backbone) $(call flag,CACHE,cache) $(call flag,DEVICE,device) \
 		$(call flag,BATCH_SIZE,batch-size) $(call flag,DATA,data)
+	$(PYTHON) benchmarks/scale.py $(call flag,CACHE,cache) $(if $(SCALE_N),--n $(SCALE_N))
 
 clean: ## delete everything written under CACHE (default cache/), keeping the folder
 	find $(or $(CACHE),cache) -mindepth 1 ! -name .gitkeep -delete

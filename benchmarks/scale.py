@@ -1,0 +1,266 @@
+"""``make bench``, scale section: what the unchanged ``features``, adding 10 images, ``train-head`` and ``report`` cost
+at N = 10k, 100k and 1M train images, as a table, a log-log plot and the fitted growth of each cost with N.
+
+For each N, a synthetic ImageFolder is written to disk: N train and N/10 test files over 100 classes, each file a
+valid 8x8 PNG. Its feature store (efficientnet_lite0, 1280-d) is built in a child process by the real stage one,
+``pipeline.extract.extract`` (listing, plan, chunks, store writer), with only the backbone pass replaced: instead of
+decoding and resizing each image (about 150 img/s here, hours at 1M), it commits chunks of seeded Gaussian cluster
+vectors of each file's class (from its folder name) with the file's real digest, so the head has something to
+learn. Then each command runs as the real CLI in a fresh process (the append with the real backbone on the 10 new
+files); wall seconds, CPU seconds, peak RSS and bytes written are that child's own (``os.wait4``; this process
+stays small, so the RSS a child starts with never hides its own).
+
+    python benchmarks/scale.py --n 2000 10000           # a short run
+    python benchmarks/scale.py --storage float16        # half the disk for the store at 1M
+
+Merges its rows into CACHE/bench.json under "scale" and writes CACHE/bench_scale.png. On a shared machine the
+seconds are indicative only: compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.files import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+BACKBONE = "efficientnet_lite0"  # its weights come with pip: the append's real forward needs no network
+SPREAD = 4.0  # noise std around each class centre (centres ~ N(0, 1)), as in real pooled features: not trivially separable
+ADDED = 10
+HOW = ("store built by pipeline.extract.extract (real listing, chunks and store writer) over real PNG files, the "
+       "backbone pass replaced by seeded Gaussian class clusters (no decoding); every measured command is the real CLI "
+       "in a fresh process, the append with the real backbone")
+COSTS = {  # row key: label in the table, plot and growth line
+    "noop_s": "no-op features", "noop_in_run_s": "no-op, in run", "add_s": f"add {ADDED} images",
+    "add_in_run_s": f"add {ADDED}, in run", "train_head_s": "train-head", "report_s": "report",
+}
+MEMORY = {"noop_rss_mb": "no-op features", "add_rss_mb": f"add {ADDED} images", "train_head_rss_mb": "train-head",
+          "report_rss_mb": "report"}
+
+
+def png(colour: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(out, "PNG")
+    return out.getvalue()
+
+
+def write_images(data: Path, split: str, n: int, classes: int, prefix: str = "") -> None:
+    """``n`` files under ``data/split/class<c>/``, image i in class i % classes."""
+    image = png((128, 128, 128))
+    for c in range(min(n, classes)):
+        (data / split / f"class{c:03d}").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (data / split / f"class{i % classes:03d}" / f"{prefix}{i:07d}.png").write_bytes(image)
+
+
+def synthetic_backbone_pass(classes: int, dim: int, seed: int):
+    """A stand-in for ``pipeline.extract._run_backbone``: each file's vector is its class centre (centres ~ N(0, 1))
+    plus Gaussian noise of std SPREAD, scaled to the range of real pooled CNN features (mean 0.2, std about 0.25)."""
+    from pipeline.images import file_digest
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, dim), dtype=np.float32)
+
+    def run(settings, backbone, root, todo, partial, forward, device) -> float:
+        for start in range(0, len(todo), settings.chunk_size):
+            keys = todo[start:start + settings.chunk_size]
+            labels = np.array([int(Path(key.path).parent.name.removeprefix("class")) for key in keys])
+            vectors = centres[labels] + SPREAD * rng.standard_normal((len(keys), dim), dtype=np.float32)
+            partial.save_chunk(keys, vectors * (0.25 / SPREAD) + 0.2, [file_digest(root / key.path) for key in keys],
+                               [""] * len(keys))
+        return 0.0
+
+    return run
+
+
+def build(work: Path, n: int, classes: int, storage: str, seed: int) -> dict:
+    """The dataset's files and its feature store (runs in a child process: the monkeypatch and the memory stay there)."""
+    import pipeline.extract
+    from pipeline.backbones import get_backbone
+    from pipeline.config import Settings
+
+    start = time.perf_counter()
+    write_images(work / "data", "train", n, classes)
+    write_images(work / "data", "test", max(n // 10, classes), classes)
+    files_s = time.perf_counter() - start
+    dim = get_backbone(BACKBONE).feature_dim
+    pipeline.extract._run_backbone = synthetic_backbone_pass(classes, dim, seed)
+    summary = pipeline.extract.extract(Settings(data=work / "data", cache=work / "cache", backbone=BACKBONE,
+                                                storage=storage, chunk_size=8192))
+    return {"files_s": files_s, "build_s": summary.seconds, "images": summary.images, "store_mb": summary.size_bytes / 1e6,
+            "dim": dim}
+
+
+def run(args: list[str]) -> dict:
+    """One command in a fresh process: wall and CPU seconds, peak RSS and bytes written (its own, from wait4), output."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        child = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if child.returncode:
+        raise SystemExit(f"{' '.join(map(str, args))} failed ({child.returncode}):\n{stderr[-3000:]}")
+    return {"s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
+            "written_mb": usage.ru_oublock * 512 / 1e6, "stdout": stdout}
+
+
+def in_run_seconds(stdout: str) -> float:
+    """The seconds on the summary line of `features` (``features: ... | 0.3 s``)."""
+    line = next(line for line in stdout.splitlines() if line.startswith("features: "))
+    return float(re.search(r"\| ([\d.]+) s", line).group(1))
+
+
+def files_of(folder: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def measure(n: int, args: argparse.Namespace, work: Path) -> dict:
+    """Build the store for ``n`` train images, then time each command on it."""
+    work.mkdir(parents=True)
+    free = shutil.disk_usage(work).free
+    needed = 1.1 * n * (4096 + 2 * 1280 * (2 if args.storage == "float16" else 4))  # files, store and its partial chunks
+    if needed > free:
+        raise SystemExit(f"N={n} needs about {needed / 1e9:.0f} GB of disk in {work}, {free / 1e9:.0f} GB free; "
+                         f"pass --storage float16, --work elsewhere, or a smaller --n")
+    started = time.perf_counter()
+    built = run([__file__, "--build", str(n), str(work), "--classes", str(args.classes), "--storage", args.storage,
+                 "--seed", str(args.seed)])
+    row = {"n": n, **json.loads(built["stdout"].strip().splitlines()[-1]), "build_rss_mb": built["rss_mb"]}
+    data, cache = work / "data", work / "cache"
+    common = ["-m", "pipeline"]
+    location = ["--cache", cache, "--backbone", BACKBONE]
+    features = [*common, "features", "--data", data, *location, "--storage", args.storage]
+
+    noop = run(features)
+    write_images(data, "train", ADDED, args.classes, prefix="added-")
+    before = files_of(cache / BACKBONE)
+    add = run(features)
+    new = {p: size for p, (size, mtime) in files_of(cache / BACKBONE).items() if before.get(p) != (size, mtime)}
+    train = run([*common, "train-head", *location])
+    training = json.loads((cache / BACKBONE / "training.json").read_text())
+    report = run([*common, "report", *location])
+    metrics = json.loads((cache / BACKBONE / "metrics.json").read_text())
+    return row | {
+        "noop_s": noop["s"], "noop_in_run_s": in_run_seconds(noop["stdout"]), "noop_rss_mb": noop["rss_mb"],
+        "add_s": add["s"], "add_in_run_s": in_run_seconds(add["stdout"]), "add_rss_mb": add["rss_mb"],
+        "add_written_mb": add["written_mb"], "add_new_files_mb": sum(new.values()) / 1e6,
+        "train_head_s": train["s"], "train_head_cpu_s": train["cpu_s"], "train_head_rss_mb": train["rss_mb"],
+        "head_s": training["head_seconds"], "logreg_s": training["logreg_seconds"], "n_train": training["n_train"],
+        "report_s": report["s"], "report_rss_mb": report["rss_mb"], "n_test": metrics["n_test"],
+        "head_test_accuracy": metrics["head"]["test_accuracy"], "logreg_test_accuracy": metrics["logreg"]["test_accuracy"],
+        "load_average": os.getloadavg()[0], "row_s": time.perf_counter() - started,
+    }
+
+
+def growth(rows: list[dict]) -> dict[str, float]:
+    """Slope of log cost against log N for each cost (0: flat, 1: linear); needs two N and positive costs."""
+    n = np.log([r["n"] for r in rows])
+    return {key: float(np.polyfit(n, np.log([r[key] for r in rows]), 1)[0]) for key in [*COSTS, *MEMORY, "add_written_mb"]
+            if len(set(n)) > 1 and all(r[key] > 0 for r in rows)}
+
+
+HEADER = ("| N train | no-op s (in run) | add 10 s (in run) | add 10: MB written (new files) | train-head s (head, logreg) "
+          "| report s (N test) | peak RSS MB: no-op, add, train-head, report | test acc head, logreg |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def table_row(r: dict) -> str:
+    return (f"| {r['n']:,} | {r['noop_s']:.2f} ({r['noop_in_run_s']:.1f}) | {r['add_s']:.2f} ({r['add_in_run_s']:.1f}) "
+            f"| {r['add_written_mb']:.1f} ({r['add_new_files_mb']:.1f}) | {r['train_head_s']:.1f} ({r['head_s']:.1f}, "
+            f"{r['logreg_s']:.1f}) | {r['report_s']:.1f} ({r['n_test']:,}) | {r['noop_rss_mb']:.0f}, {r['add_rss_mb']:.0f}, "
+            f"{r['train_head_rss_mb']:.0f}, {r['report_rss_mb']:.0f} | {r['head_test_accuracy']:.3f}, "
+            f"{r['logreg_test_accuracy']:.3f} |")
+
+
+def render(rows: list[dict], slopes: dict[str, float]) -> str:
+    lines = [HEADER, *map(table_row, rows), "setup per N (not measured costs): " + "; ".join(
+        f"{r['n']:,}: files {r['files_s']:.0f} s, store {r['build_s']:.0f} s ({r['store_mb']:.0f} MB), whole row "
+        f"{r['row_s']:.0f} s, load average {r['load_average']:.1f}" for r in rows)]
+    if slopes:
+        names = {**COSTS, **{k: f"peak RSS {v}" for k, v in MEMORY.items()}, "add_written_mb": "add 10: bytes written"}
+        lines.append("growth with N (slope of log cost vs log N; 0 flat, 1 linear): "
+                     + ", ".join(f"{names[k]} {v:.2f}" for k, v in slopes.items()))
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [r["n"] for r in rows]
+    figure, (seconds, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, label in COSTS.items():
+        seconds.plot(n, [r[key] for r in rows], marker="o", label=label)
+    for key, label in MEMORY.items():
+        memory.plot(n, [r[key] for r in rows], marker="o", label=label)
+    for axes, title, unit in ((seconds, "cost against N", "seconds"), (memory, "peak resident memory", "MB")):
+        axes.set(xscale="log", yscale="log", xlabel="train images N (test N/10, 100 classes)", ylabel=unit, title=title)
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="train images (test: N/10)")
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--storage", choices=("float32", "float16"), default="float32", help="dtype of the stored vectors")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=Path("cache"), help="where bench.json and bench_scale.png go")
+    parser.add_argument("--work", type=Path, default=None, help="folder for the datasets and stores (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep the datasets and stores")
+    parser.add_argument("--build", nargs=2, metavar=("N", "WORK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.build:
+        print(json.dumps(build(Path(args.build[1]), int(args.build[0]), args.classes, args.storage, args.seed)))
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="scale-", dir=args.work))
+    rows = []
+    print(HEADER, flush=True)
+    try:
+        for n in sorted(args.n):
+            rows.append(measure(n, args, work / str(n)))
+            print(table_row(rows[-1]), flush=True)
+            if not args.keep:
+                shutil.rmtree(work / str(n))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    slopes = growth(rows)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    plot(rows, args.cache / "bench_scale.png")
+    path = args.cache / "bench.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results["scale"] = {"how": HOW, "backbone": BACKBONE, "classes": args.classes, "storage": args.storage,
+                        "rows": rows, "growth": slopes, "plot": "bench_scale.png"}
+    atomic_write_text(path, json.dumps(results, indent=2))
+    print(f"scale: {HOW}; {args.classes} classes, {rows[0]['dim']}-d vectors stored as {args.storage}")
+    print(render(rows, slopes))
+    print(f"wrote {path} (key \"scale\") and {args.cache / 'bench_scale.png'}"
+          + (f"; datasets and stores kept in {work}" if args.keep else ""))
+
+
+if __name__ == "__main__":
+    main()
