@@ -5,43 +5,46 @@ PYTHON ?= $(VENV)/bin/python
 BOOTSTRAP_PYTHON ?= python3
 
 flag = $(if $($(1)),--$(2) "$($(1))")
-LOCATION = $(call flag,CACHE,cache) $(call flag,BACKBONE,backbone)
-FEATURE_FLAGS = $(call flag,DATA,data) $(LOCATION) $(call flag,DEVICE,device) $(call flag,WEIGHTS,weights) \
-	$(call flag,PRECISION,precision) $(call flag,RUNTIME,runtime) $(call flag,STORAGE,storage) \
-	$(call flag,BATCH_SIZE,batch-size) $(call flag,WORKERS,workers) $(call flag,AUGMENT,augment) $(if $(FORCE),--force) $(if $(VERIFY),--verify) $(if $(MERGE),--merge)
-HEAD_FLAGS = $(call flag,DATA,data) $(LOCATION) $(call flag,SEED,seed) $(call flag,EPOCHS,epochs)
-REPORT_FLAGS = $(call flag,DATA,data) $(LOCATION)
-PREDICT_FLAGS = $(LOCATION) $(call flag,DEVICE,device) $(call flag,WEIGHTS,weights) $(call flag,PRECISION,precision) \
-	$(call flag,RUNTIME,runtime) $(call flag,MODEL,model) $(call flag,TOP_K,top-k) $(call flag,FORMAT,format)
+switch = $(if $(filter-out 0 no false,$($(1))),--$(2))
+include settings.mk  # SETTINGS and <COMMAND>_FLAGS, generated from pipeline/config.py
+
+MAKE_VARIABLES := VENV PYTHON BOOTSTRAP_PYTHON NPROC IMAGES ARGS SCALE_N
+GIVEN := $(foreach a,$(filter-out -%,$(MAKEOVERRIDES)),$(if $(findstring =,$(a)),$(firstword $(subst =, ,$(a)))))
+UNKNOWN := $(filter-out $(SETTINGS) $(MAKE_VARIABLES),$(GIVEN))
+ifneq ($(UNKNOWN),)
+$(error unknown variable $(UNKNOWN); settings are $(SETTINGS), plus $(MAKE_VARIABLES) (ARGS="--flag value" is passed as is); see `make help`)
+endif
 
 .PHONY: help install features train-head report all compare predict test test-fast bench clean
 
 help: ## list targets and variables
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: DATA BACKBONE CACHE DEVICE WEIGHTS SEED EPOCHS PRECISION RUNTIME STORAGE BATCH_SIZE WORKERS FORCE=1 VERIFY=1 AUGMENT NPROC MERGE=1 IMAGES MODEL TOP_K FORMAT BACKBONES SCALE_N (defaults: pipeline/config.py)"
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  settings (each the upper-case name of a --flag; defaults and help: pipeline/config.py, python -m pipeline <command> --help):"
+	@echo "    $(SETTINGS)"
+	@echo "  also: NPROC (torchrun processes), IMAGES (predict), SCALE_N (bench), ARGS (extra flags, passed as is)"
+	@echo "  results: CACHE/BACKBONE/report.html (open it in a browser), report.md, metrics.json"
 
 install: ## create .venv and install the package with its dev extra
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
 	$(PYTHON) -m pip install -e '.[dev]'
 
 features: ## stage one: cache backbone vectors of DATA in CACHE/BACKBONE/features.h5 (NPROC=N: N processes, torchrun)
-	$(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC),$(PYTHON)) -m pipeline features $(FEATURE_FLAGS)
+	$(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC),$(PYTHON)) -m pipeline features $(FEATURES_FLAGS) $(ARGS)
 
 train-head: ## stage two: train the head and the logistic baseline on the cached vectors
-	$(PYTHON) -m pipeline train-head $(HEAD_FLAGS)
+	$(PYTHON) -m pipeline train-head $(TRAIN_HEAD_FLAGS) $(ARGS)
 
 report: ## test accuracy of head and baseline side by side (metrics.json, report.md)
-	$(PYTHON) -m pipeline report $(REPORT_FLAGS)
+	$(PYTHON) -m pipeline report $(REPORT_FLAGS) $(ARGS)
 
 all: features train-head report ## the main job: features, train-head, report
 
 compare: ## the pipeline for each of BACKBONES="densenet121 resnet50 efficientnet_lite0", one table
-	$(PYTHON) -m pipeline compare $(call flag,BACKBONES,backbones) $(call flag,DATA,data) $(call flag,CACHE,cache) \
-		$(call flag,DEVICE,device) $(call flag,SEED,seed) $(call flag,EPOCHS,epochs)
+	$(PYTHON) -m pipeline compare $(COMPARE_FLAGS) $(ARGS)
 
 predict: ## classify IMAGES (files or folders) with the trained head; MODEL=logreg TOP_K=3 FORMAT=csv|json
 	$(if $(IMAGES),,$(error pass IMAGES=path/to/images (files or folders)))
-	@$(PYTHON) -m pipeline predict $(IMAGES) $(PREDICT_FLAGS)
+	@$(PYTHON) -m pipeline predict $(IMAGES) $(PREDICT_FLAGS) $(ARGS)
 
 test: ## run the whole test suite (unit, fault-injection and the integration test on ../shared/data/cats-dogs)
 	$(PYTHON) -m pytest

@@ -23,6 +23,8 @@ PREDICT = ["cache", "backbone", "weights", "device", "precision", "runtime", "ba
 DESCRIPTION = ("Feature-caching transfer learning: run a frozen ImageNet backbone once over your images (features), "
                "then train cheap heads on the cached vectors (train-head), compare them (report), use them (predict).")
 CHECKS_DATA = "check that the cache was made from this dataset (default: whichever it was made from)"
+DATA_CHECKED = ("train-head", "report")  # commands whose --data only checks the cache's dataset
+NEEDS = {"train-head": "features.h5", "report": "training.json", "predict": "training.json"}  # what each reads from CACHE
 
 
 def _run_features(settings: Settings, data: Path | None) -> None:
@@ -107,6 +109,20 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
+def remembered_backbone(cache: Path, needs: str) -> str:
+    """Without BACKBONE: the default, unless CACHE holds ``needs`` for exactly one other backbone (then that one);
+    for several others, an error naming them."""
+    from pipeline.store import backbones_with
+
+    found = backbones_with(cache, needs)
+    if DEFAULTS.backbone in found or not found:
+        return DEFAULTS.backbone
+    if len(found) > 1:
+        raise UserError(f"{cache} holds {needs} for several backbones ({', '.join(found)}); pass BACKBONE=<one of them>")
+    print(f"using BACKBONE={found[0]}, the only backbone with {needs} in {cache}", file=sys.stderr)
+    return found[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m pipeline", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,20 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         for setting in settings:
             _add_setting(sub, setting)
-        if name in ("train-head", "report"):
+        if name in DATA_CHECKED:
             sub.add_argument("--data", type=Path, default=None, help=CHECKS_DATA)
         if name == "predict":
             sub.add_argument("images", nargs="+", type=Path, help="image files or folders")
         sub.add_argument("--debug", action="store_true", help=SETTING_FIELDS["debug"].metadata["help"])
         sub.set_defaults(run=run)
+        if name in NEEDS:
+            sub.set_defaults(backbone=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k in SETTING_FIELDS and v is not None}
-    data_check = given.pop("data", None) if args.command in ("train-head", "report") else None
+    data_check = given.pop("data", None) if args.command in DATA_CHECKED else None
     try:
+        if args.command in NEEDS and "backbone" not in given:
+            given["backbone"] = remembered_backbone(Path(given.get("cache", DEFAULTS.cache)), NEEDS[args.command])
         settings = Settings(**given)
         args.run(settings, data_check, *([args.images] if args.command == "predict" else []))
     except UserError as error:

@@ -49,6 +49,14 @@ def features_file(backbone_dir: Path) -> Path:
     return Path(backbone_dir) / "features.h5"
 
 
+def backbones_with(cache: Path, name: str) -> list[str]:
+    """The backbones whose folder in ``cache`` holds a file ``name`` (``features.h5``, ``training.json``), sorted."""
+    try:
+        return sorted(d.name for d in Path(cache).iterdir() if (d / name).is_file())
+    except OSError:
+        return []
+
+
 @dataclass(frozen=True)
 class FeatureFiles:
     """The files of one feature file on disk. Single process, ``features.h5`` maps its vectors from segment files
