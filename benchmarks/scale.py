@@ -12,6 +12,7 @@ stays small, so the RSS a child starts with never hides its own).
 
     python benchmarks/scale.py --n 2000 10000           # a short run
     python benchmarks/scale.py --storage float16        # half the disk for the store at 1M
+    python benchmarks/scale.py --work /data/scale       # keep the datasets and stores there; the next run reuses them
 
 Merges its rows into CACHE/bench.json under "scale" and writes CACHE/bench_scale.png. On a shared machine the
 seconds are indicative only: compare within one run.
@@ -131,25 +132,39 @@ def files_of(folder: Path) -> dict[Path, tuple[int, int]]:
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
-def measure(n: int, args: argparse.Namespace, work: Path) -> dict:
-    """Build the store for ``n`` train images, then time each command on it."""
+def built(n: int, args: argparse.Namespace, work: Path) -> dict:
+    """Build the dataset and store for ``n`` train images in ``work`` (a child process), or reuse the ones a previous
+    run with ``--work`` left there (``built.json`` is written last, so a half-made build is never reused)."""
+    record = work / "built.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     free = shutil.disk_usage(work).free
     needed = 1.1 * n * (4096 + 2 * 1280 * (2 if args.storage == "float16" else 4))  # files, store and its partial chunks
     if needed > free:
         raise SystemExit(f"N={n} needs about {needed / 1e9:.0f} GB of disk in {work}, {free / 1e9:.0f} GB free; "
                          f"pass --storage float16, --work elsewhere, or a smaller --n")
-    started = time.perf_counter()
-    built = run([__file__, "--build", str(n), str(work), "--classes", str(args.classes), "--storage", args.storage,
+    child = run([__file__, "--build", str(n), str(work), "--classes", str(args.classes), "--storage", args.storage,
                  "--seed", str(args.seed)])
-    row = {"n": n, **json.loads(built["stdout"].strip().splitlines()[-1]), "build_rss_mb": built["rss_mb"]}
+    made = {"n": n, **json.loads(child["stdout"].strip().splitlines()[-1]), "build_rss_mb": child["rss_mb"]}
+    atomic_write_text(record, json.dumps(made))
+    return made
+
+
+def measure(n: int, args: argparse.Namespace, work: Path) -> dict:
+    """Time each command on the dataset and store for ``n`` train images. An unmeasured ``features`` first brings
+    the store up to date (after a reused build: its added images, or pipeline code changed since)."""
+    started = time.perf_counter()
+    row = built(n, args, work)
     data, cache = work / "data", work / "cache"
     common = ["-m", "pipeline"]
     location = ["--cache", cache, "--backbone", BACKBONE]
     features = [*common, "features", "--data", data, *location, "--storage", args.storage]
 
+    run(features)
     noop = run(features)
-    write_images(data, "train", ADDED, args.classes, prefix="added-")
+    write_images(data, "train", ADDED, args.classes, prefix=f"added-{time.time_ns()}-")
     before = files_of(cache / BACKBONE)
     add = run(features)
     new = {p: size for p, (size, mtime) in files_of(cache / BACKBONE).items() if before.get(p) != (size, mtime)}
@@ -228,25 +243,23 @@ def main() -> None:
     parser.add_argument("--storage", choices=("float32", "float16"), default="float32", help="dtype of the stored vectors")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="where bench.json and bench_scale.png go")
-    parser.add_argument("--work", type=Path, default=None, help="folder for the datasets and stores (default: a temporary one)")
-    parser.add_argument("--keep", action="store_true", help="keep the datasets and stores")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder for the datasets and stores, kept and reused by the next run (default: a temporary one)")
     parser.add_argument("--build", nargs=2, metavar=("N", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build:
         print(json.dumps(build(Path(args.build[1]), int(args.build[0]), args.classes, args.storage, args.seed)))
         return
 
-    work = Path(tempfile.mkdtemp(prefix="scale-", dir=args.work))
+    work = args.work or Path(tempfile.mkdtemp(prefix="scale-"))
     rows = []
     print(HEADER, flush=True)
     try:
         for n in sorted(args.n):
             rows.append(measure(n, args, work / str(n)))
             print(table_row(rows[-1]), flush=True)
-            if not args.keep:
-                shutil.rmtree(work / str(n))
     finally:
-        if not args.keep:
+        if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     slopes = growth(rows)
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -259,7 +272,7 @@ def main() -> None:
     print(f"scale: {HOW}; {args.classes} classes, {rows[0]['dim']}-d vectors stored as {args.storage}")
     print(render(rows, slopes))
     print(f"wrote {path} (key \"scale\") and {args.cache / 'bench_scale.png'}"
-          + (f"; datasets and stores kept in {work}" if args.keep else ""))
+          + (f"; datasets and stores kept in {work}" if args.work else ""))
 
 
 if __name__ == "__main__":
