@@ -28,7 +28,6 @@ import torch
 import torchvision
 from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from pipeline import distributed, faults, freshness
 from pipeline.backbones import Backbone, check_weights, get_backbone, load_backbone, weights_identity
@@ -40,6 +39,7 @@ from pipeline.images import ImageFiles, collate_good, file_digest, jpeg_decoder
 from pipeline.listing import AUGMENTED, NO_VIEW, BadImage, DatasetListing, augmented_views, scan_dataset
 from pipeline.inference import RUNTIME_PACKAGES, check_runtime, prepare, resolve_device, runtime_installed
 from pipeline.partial import ChunkRow, PartialRun
+from pipeline.progress import progress
 from pipeline.store import (BLOCK_ROWS, ROWS_PER_CHUNK, FeatureFiles, FeatureStore, ImageKey, Placement, SkipRecord, Source,
                             SplitIndex, StoreWriter, features_file, reserve_bytes)
 
@@ -151,7 +151,7 @@ def _verify(listing: DatasetListing, previous: FeatureStore, plan: Plan) -> None
     stored = _stored_digests(previous)
     current: dict[str, bytes | None] = {}
     changed = []
-    for key in tqdm(list(plan.old_rows), unit="img", desc="verify images", disable=None):
+    for key in progress(list(plan.old_rows), unit="img", desc="verify images"):
         if key.path not in current:
             try:
                 current[key.path] = file_digest(listing.root / key.path)
@@ -200,7 +200,7 @@ def _run_backbone(settings: Settings, backbone: Backbone, root: Path, todo: list
         partial.save_chunk(keys[:], np.stack(rows), digests[:], reasons[:])
         keys.clear(), rows.clear(), digests.clear(), reasons.clear()
 
-    with tqdm(total=len(todo), unit="img", desc=f"features {backbone.name} on {device}", disable=None) as bar:
+    with progress(total=len(todo), unit="img", desc=f"features {backbone.name} on {device}") as bar:
         for indices, images, outcomes in loader:
             started = time.perf_counter()
             vectors = dict(zip(indices, forward(images).numpy())) if images is not None else {}
@@ -381,7 +381,7 @@ def extract(settings: Settings, listing: DatasetListing | None = None) -> Extrac
     backbone = get_backbone(settings.backbone)
     rank = distributed.current()
     device = resolve_device(distributed.local_device(settings.device, rank))
-    check_runtime(settings.runtime, device)
+    check_runtime(settings.runtime, device, settings.precision)
     if settings.weights is not None:
         check_weights(backbone, settings.weights)
     listing = listing if listing is not None else scan_dataset(settings.data)

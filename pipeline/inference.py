@@ -30,13 +30,17 @@ def runtime_installed(runtime: str) -> bool:
     return package is None or importlib.util.find_spec(package) is not None
 
 
-def check_runtime(runtime: str, device: torch.device) -> None:
-    """Refuse, before any work, a runtime that cannot run here: its package missing, or not on this device."""
+def check_runtime(runtime: str, device: torch.device, precision: str = "fp32") -> None:
+    """Refuse, before any work, a runtime that cannot run here (its package missing, or not on this device), and
+    PyTorch's fp16 on a CPU, which has no fast float16 kernels (``make bench``: about 10x slower than fp32)."""
     if not runtime_installed(runtime):
         raise UserError(f"RUNTIME={runtime} needs the {RUNTIME_PACKAGES[runtime]} package; pip install 'pipeline[fast-cpu]' "
                         f"or pass RUNTIME=torch")
     if runtime == "openvino" and device.type != "cpu":
         raise UserError(f"RUNTIME=openvino runs on the CPU, not {device}; pass DEVICE=cpu or RUNTIME=torch")
+    if precision == "fp16" and device.type == "cpu" and runtime != "openvino":
+        raise UserError("PRECISION=fp16 runs about 10x slower than fp32 on a CPU; pass PRECISION=bf16 (the CPU's fast "
+                        "half precision) or PRECISION=fp32")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,7 +104,7 @@ def prepare(backbone: Backbone, model: nn.Module, device: torch.device, precisio
     (on CPU), run the chosen way; the images are normalised on the device, as the model's first layers."""
     check_value("precision", precision)
     check_value("runtime", runtime)
-    check_runtime(runtime, device)
+    check_runtime(runtime, device, precision)
     if device.type == "cpu":
         keep_freed_memory()
     model = nn.Sequential(backbone.normalize(), model)

@@ -96,6 +96,14 @@ def test_unknown_precision_or_runtime_is_refused(lite0):
         check_runtime("openvino", torch.device("cuda"))
 
 
+@pytest.mark.parametrize("runtime", ["torch", "compile"])
+def test_fp16_on_a_cpu_is_refused_with_the_fast_alternative(lite0, runtime):
+    with pytest.raises(UserError, match="pass PRECISION=bf16"):
+        prepare(*lite0, CPU, precision="fp16", runtime=runtime)
+    check_runtime(runtime, CPU, "bf16")
+    check_runtime(runtime, torch.device("cuda"), "fp16")  # a GPU's fast half precision
+
+
 def test_jpeg_draft_decodes_large_photos_smaller_but_to_nearly_the_same_input(tmp_path, lite0):
     rng = np.random.default_rng(1)
     smooth = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((2400, 1800), Image.BICUBIC)
