@@ -15,7 +15,7 @@ ifneq ($(UNKNOWN),)
 $(error unknown variable $(UNKNOWN); settings are $(SETTINGS), plus $(MAKE_VARIABLES) (ARGS="--flag value" is passed as is); see `make help`)
 endif
 
-.PHONY: help install features train-head report all compare predict test test-fast bench clean
+.PHONY: help install data features train-head report all compare predict test test-fast bench clean
 
 help: ## list targets and variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ install: ## create .venv and install the package with its dev extra
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
 	$(PYTHON) -m pip install -e '.[dev]'
 
+data: ## download the seed's Cats-vs-Dogs photos (about 25k) into DATA (default Cat_Dog_data/) unless it holds train/ and test/
+	$(PYTHON) -m pipeline data $(DATA_FLAGS) $(ARGS)
+
 features: ## stage one: cache backbone vectors of DATA in CACHE/BACKBONE/features.h5 (NPROC=N: N processes, torchrun)
 	$(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC),$(PYTHON)) -m pipeline features $(FEATURES_FLAGS) $(ARGS)
 
@@ -37,7 +40,7 @@ train-head: ## stage two: train the head and the logistic baseline on the cached
 report: ## test accuracy of head and baseline side by side (metrics.json, report.md)
 	$(PYTHON) -m pipeline report $(REPORT_FLAGS) $(ARGS)
 
-all: features train-head report ## the main job: features, train-head, report
+all: $(if $(DATA),,data) features train-head report ## the main job: features, train-head, report (without DATA: make data first)
 
 compare: ## the pipeline for each of BACKBONES="densenet121 resnet50 efficientnet_lite0", one table
 	$(PYTHON) -m pipeline compare $(COMPARE_FLAGS) $(ARGS)

@@ -27,6 +27,15 @@ DATA_CHECKED = ("train-head", "report")  # commands whose --data only checks the
 NEEDS = {"train-head": "features.h5", "report": "training.json", "predict": "training.json"}  # what each reads from CACHE
 
 
+def _run_data(settings: Settings, data: Path | None) -> None:
+    from pipeline.download import SEED_DATA_URL, fetch_dataset
+
+    if fetch_dataset(settings.data):
+        print(f"data: {SEED_DATA_URL} unpacked into {settings.data}")
+    else:
+        print(f"data: {settings.data} already holds train/ and test/")
+
+
 def _run_features(settings: Settings, data: Path | None) -> None:
     from pipeline.freshness import TORCHRUN_VARIABLES, bring_up_to_date
 
@@ -80,6 +89,7 @@ def _list_backbones(settings: Settings, data: Path | None) -> None:
 
 
 COMMANDS = {
+    "data": (_run_data, ["data"], "download the seed notebook's Cats-vs-Dogs photos into DATA (unless it holds train/ and test/)"),
     "features": (_run_features, STAGE_ONE, "stage one: cache backbone vectors of every image in HDF5"),
     "train-head": (_run_train, STAGE_TWO, "stage two: train the head and the logistic baseline on the cache"),
     "report": (_run_report, REPORT, "test accuracy of head and baseline, side by side"),
