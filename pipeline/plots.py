@@ -7,21 +7,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import Colormap, ListedColormap
+from matplotlib.figure import Figure
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
+from sklearn.metrics import ConfusionMatrixDisplay
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.decomposition import PCA  # noqa: E402
-from sklearn.manifold import TSNE  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
-from matplotlib.colors import Colormap, ListedColormap  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
-
-from pipeline.files import atomic_write  # noqa: E402
+from pipeline.files import atomic_write
 from pipeline.images import load_rgb
-from pipeline.listing import BadImage
-from pipeline.listing import shown  # noqa: E402
+from pipeline.listing import BadImage, shown
 
 TSNE_MAX_POINTS = 1500
 MAP_MINIMUM = 2  # vectors, and dimensions, that a 2-D map needs
@@ -33,13 +29,16 @@ CLASS_CHARS = 20  # a class name on an axis or in a legend is cut to this many c
 FILE_CHARS = 38  # a file name under a thumbnail is cut to this many characters (its end kept)
 
 
-def _save(figure: plt.Figure, path: Path) -> Path:
-    """Write the figure as PNG atomically; it is closed either way."""
-    try:
-        figure.tight_layout()
-        atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100, bbox_inches="tight"))
-    finally:
-        plt.close(figure)
+def _figure(rows: int = 1, columns: int = 1, *, figsize: tuple[float, float], squeeze: bool = True):
+    """A figure and its axes, made without pyplot: no global figure list, no backend switched in a notebook."""
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(rows, columns, squeeze=squeeze)
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    """Write the figure as PNG atomically."""
+    figure.tight_layout()
+    atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     return path
 
 
@@ -59,7 +58,7 @@ def _class_colours(n: int) -> Colormap:
 
 def learning_curves(history: list[dict], best_epoch: int, path: Path) -> Path:
     epochs = [h["epoch"] for h in history]
-    figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(10, 3.6))
+    figure, (loss, accuracy) = _figure(1, 2, figsize=(10, 3.6))
     loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
     loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation loss")
     accuracy.plot(epochs, [h["val_accuracy"] for h in history], "o-", color="tab:green", label="validation accuracy")
@@ -83,7 +82,7 @@ def confusion_matrices(matrices: dict[str, list[list[int]]], classes: list[str],
     stacked = n > TICK_LABELS_MAX
     side = STACKED_SIDE if stacked else float(np.clip(3 + 0.065 * n, 4.5, 5))
     rows, columns = (len(matrices), 1) if stacked else (1, len(matrices))
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * (side + 0.8), rows * side), squeeze=False)
+    figure, axes = _figure(rows, columns, figsize=(columns * (side + 0.8), rows * side), squeeze=False)
     ticks = np.arange(0, n, math.ceil(n / TICK_LABELS_MAX))
     names = [_short(classes[i], CLASS_CHARS) for i in ticks]
     fontsize = 10 if n <= CELL_COUNTS_MAX else 7
@@ -114,8 +113,8 @@ def top_losses(data_root: Path, paths: list[str], labels: np.ndarray, proba: np.
     rows = [{"path": paths[i], "true": classes[labels[i]], "predicted": classes[predicted[i]],
              "probability": float(proba[i, predicted[i]])} for i in wrong]
     columns = max(1, min(4, len(rows)))
-    figure, axes = plt.subplots(max(1, -(-len(rows) // 4)), columns, figsize=(3 * columns, 3.6 * max(1, -(-len(rows) // 4))),
-                                squeeze=False)
+    figure, axes = _figure(max(1, -(-len(rows) // 4)), columns, figsize=(3 * columns, 3.6 * max(1, -(-len(rows) // 4))),
+                           squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     if not rows:
@@ -142,7 +141,7 @@ def embedding_map(features: np.ndarray, labels: np.ndarray, classes: list[str], 
     A 2-D map needs at least two vectors of at least two dimensions; with fewer the picture is a panel saying so.
     """
     if min(features.shape) < MAP_MINIMUM:
-        figure, axis = plt.subplots(figsize=(5.5, 4.5))
+        figure, axis = _figure(figsize=(5.5, 4.5))
         axis.axis("off")
         axis.text(0.5, 0.5, f"no map: {features.shape[0]} test vector(s) of {features.shape[1]} dimension(s);\n"
                             f"a 2-D map needs at least {MAP_MINIMUM} of each", ha="center", va="center")
@@ -150,7 +149,7 @@ def embedding_map(features: np.ndarray, labels: np.ndarray, classes: list[str], 
     use_tsne = len(features) <= TSNE_MAX_POINTS
     legend = len(classes) <= LEGEND_MAX
     width = (10 if use_tsne else 5.5) + (2 if legend else 0)
-    figure, axes = plt.subplots(1, 2 if use_tsne else 1, figsize=(width, 4.5), squeeze=False)
+    figure, axes = _figure(1, 2 if use_tsne else 1, figsize=(width, 4.5), squeeze=False)
     maps = [("PCA", PCA(n_components=2, random_state=seed).fit_transform(features))]
     if use_tsne:
         perplexity = min(30.0, (len(features) - 1) / 3)

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +221,12 @@ def test_compare_refuses_no_backbones_and_keeps_its_tables_when_the_disk_fills(t
         compare(Settings(cache=tmp_path, backbones="no_such_backbone"))
     assert [(tmp_path / n).read_text() for n in ("compare.md", "compare.json")] == ["previous", "previous"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_importing_the_plots_switches_no_matplotlib_backend():
+    """A notebook's backend stays its own: the report draws on pyplot-free figures."""
+    code = ("import matplotlib; matplotlib.use('svg'); import pipeline.plots, pipeline.report; "
+            "print(matplotlib.get_backend())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "svg"
