@@ -105,6 +105,7 @@ class Plan:
     removed: int = 0
     repaired: int = 0
     listing_changed: bool = False
+    listed: dict[str, list[tuple[ImageKey, int]]] = field(default_factory=dict)  # listed_keys of each split
 
     def redo(self, keys: list[ImageKey]) -> None:
         """Stored vectors that must not be copied: extract them again."""
@@ -115,7 +116,8 @@ class Plan:
 
 
 def _plan(listing: DatasetListing, previous: FeatureStore | None, partial_done: dict[ImageKey, ChunkRow]) -> Plan:
-    plan = Plan(listing_changed=previous is None or previous.attrs.get("data_root") != str(listing.root.resolve()))
+    plan = Plan(listing_changed=previous is None or previous.attrs.get("data_root") != str(listing.root.resolve()),
+                listed={split: listed_keys(listing, split) for split in listing.splits})
     old_splits = previous.splits if previous is not None else []
     for split in dict.fromkeys([*listing.splits, *old_splits]):
         stored: dict[ImageKey, int | str] = {}
@@ -127,7 +129,7 @@ def _plan(listing: DatasetListing, previous: FeatureStore | None, partial_done: 
             new_listing_skips = {(s.path, s.reason) for s in listing.splits[split].skipped} if split in listing.splits else set()
             plan.listing_changed |= old_listing_skips != new_listing_skips
         current = set()
-        for key, _ in listed_keys(listing, split) if split in listing.splits else []:
+        for key, _ in plan.listed.get(split, []):
             current.add(key)
             found = stored.get(key)
             if isinstance(found, int):
@@ -243,7 +245,7 @@ class SplitRows:
 def _split_rows(split: str, listing: DatasetListing, plan: Plan, old_digests: dict[ImageKey, bytes],
                 partial: PartialRun) -> SplitRows:
     out = SplitRows(skipped=[SkipRecord(s.path, s.reason) for s in listing.splits[split].skipped])
-    for key, label in listed_keys(listing, split):
+    for key, label in plan.listed[split]:
         if key in plan.old_rows:
             source, digest, reason = plan.old_rows[key], old_digests[key], ""
         elif key in plan.old_skips:

@@ -115,10 +115,7 @@ class FreshRecord:
 
 def _digest(parts) -> str:
     """blake2b over NUL-separated fields (no path holds a NUL); odd bytes in names hash as the bytes they are."""
-    digest = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        digest.update(str(part).encode("utf-8", "surrogatepass") + b"\0")
-    return digest.hexdigest()
+    return hashlib.blake2b("\0".join(map(str, parts)).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def _stamp(path: Path) -> tuple[int, int, int]:

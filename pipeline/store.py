@@ -24,7 +24,7 @@ import errno
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
@@ -131,6 +131,7 @@ class SplitIndex:
     mtimes: np.ndarray
     digests: np.ndarray
     skipped: list[SkipRecord]
+    _keys: dict[str, list[ImageKey]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, rows: list[tuple[ImageKey, int, bytes]], skipped: list[SkipRecord]) -> SplitIndex:
@@ -143,8 +144,11 @@ class SplitIndex:
         )
 
     def keys(self, split: str) -> list[ImageKey]:
-        return [ImageKey(split, p, int(v), int(s), int(m))
-                for p, v, s, m in zip(self.paths, self.views.tolist(), self.sizes.tolist(), self.mtimes.tolist())]
+        """Row i's key, made once (an update asks for them several times)."""
+        if split not in self._keys:
+            self._keys[split] = [ImageKey(split, p, v, s, m) for p, v, s, m in
+                                 zip(self.paths, self.views.tolist(), self.sizes.tolist(), self.mtimes.tolist())]
+        return self._keys[split]
 
     def digest(self, split: str) -> bytes:
         """A sha256 of this index, row by row, as the content digest's part for ``split``."""
