@@ -15,7 +15,7 @@ _API = {
     "bring_up_to_date": "pipeline.freshness",
     "ExtractSummary": "pipeline.freshness",
     "FeatureStore": "pipeline.store",
-    "open_features": "pipeline.store",
+    "open_features": "pipeline.train",
     "HeadClassifier": "pipeline.head",
     "LogisticBaseline": "pipeline.baseline",
     "train": "pipeline.train",

@@ -49,11 +49,6 @@ def features_file(backbone_dir: Path) -> Path:
     return Path(backbone_dir) / "features.h5"
 
 
-def open_features(settings) -> FeatureStore:
-    """The feature store of ``settings`` (a ``Settings``: CACHE/BACKBONE/features.h5), checked as it opens."""
-    return FeatureStore(features_file(settings.backbone_dir()))
-
-
 def backbones_with(cache: Path, name: str) -> list[str]:
     """The backbones whose folder in ``cache`` holds a file ``name`` (``features.h5``, ``training.json``), sorted."""
     try:
