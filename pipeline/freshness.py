@@ -31,6 +31,27 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 SKIPS_LISTED = 50  # skipped files listed under the summary line; all of them are in the file and the report
 
 
+@dataclass(frozen=True)
+class Duplicates:
+    """Byte-identical image files in the store: test images identical to a train image, groups of identical train
+    files filed under different classes, and example lines naming both files."""
+
+    test_in_train: int = 0
+    across_classes: int = 0
+    examples: tuple[str, ...] = ()
+
+    def lines(self) -> list[str]:
+        found = []
+        if self.test_in_train:
+            found.append(f"{self.test_in_train} test images are byte-identical to train images: the test accuracy "
+                         f"counts them as unseen")
+        if self.across_classes:
+            found.append(f"{self.across_classes} train images appear, byte-identical, in two or more classes")
+        if not found:
+            return []
+        return [f"  warning: {'; '.join(found)} (e.g. {', '.join(shown(e) for e in self.examples)})"]
+
+
 @dataclass
 class ExtractSummary:
     path: Path
@@ -45,12 +66,15 @@ class ExtractSummary:
     backbone_seconds: float = 0.0  # inside the forward (device copies included); the rest is decoding and writing
     up_to_date: bool = False
     size_bytes: int = 0  # the file and the segments or parts it reads
+    duplicates: Duplicates = Duplicates()
 
     def describe(self, store) -> None:
-        """Fill in the vector counts and skipped files from a ``FeatureStore``."""
+        """Fill in the vector counts, skipped files and duplicates from a ``FeatureStore``."""
         self.images = {s: len(store.paths(s)) for s in store.splits}
         self.skipped = [Skipped(record.path, record.reason) for _, record in store.skipped_files()]
         self.size_bytes = store.size_bytes()
+        test_in_train, across_classes, examples = store.identical_files()
+        self.duplicates = Duplicates(test_in_train, across_classes, tuple(examples))
 
     def line(self) -> str:
         size = self.size_bytes / 1e6
@@ -68,6 +92,7 @@ class ExtractSummary:
             f"reused {self.reused}, resumed {self.resumed}, removed {self.removed}{repaired}, skipped {len(self.skipped)} | "
             f"{self.seconds:.1f} s{rate}",
             *skipped,
+            *self.duplicates.lines(),
         ])
 
 
@@ -105,12 +130,15 @@ class FreshRecord:
     reused: int
     skipped: list[Skipped]
     size_bytes: int
+    duplicates: Duplicates
 
     @classmethod
     def parse(cls, text: str) -> FreshRecord:
         raw = json.loads(text)
+        duplicates = raw["duplicates"]
         return cls(RunKey(**raw["key"]), [FileStamp(**f) for f in raw["files"]], raw["path"], dict(raw["images"]),
-                   int(raw["reused"]), [Skipped(**s) for s in raw["skipped"]], int(raw["size_bytes"]))
+                   int(raw["reused"]), [Skipped(**s) for s in raw["skipped"]], int(raw["size_bytes"]),
+                   Duplicates(duplicates["test_in_train"], duplicates["across_classes"], tuple(duplicates["examples"])))
 
 
 def _digest(parts) -> str:
@@ -161,7 +189,8 @@ def forget(record: Path) -> None:
 def remember(record: Path, key: RunKey, summary: ExtractSummary, files: list[Path]) -> None:
     """After a run left the feature file complete (call with the writer's lock held, ``files`` the file and its sources)."""
     fresh = FreshRecord(key, [FileStamp.of(f) for f in files], summary.path.name, summary.images,
-                        summary.reused + summary.extracted + summary.resumed, summary.skipped, summary.size_bytes)
+                        summary.reused + summary.extracted + summary.resumed, summary.skipped, summary.size_bytes,
+                        summary.duplicates)
     atomic_write_text(record, json.dumps(asdict(fresh)))
 
 
@@ -177,7 +206,7 @@ def fresh_summary(settings: Settings, listing: DatasetListing) -> ExtractSummary
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return ExtractSummary(folder / fresh.path, fresh.images, reused=fresh.reused, skipped=fresh.skipped,
-                          up_to_date=True, size_bytes=fresh.size_bytes)
+                          up_to_date=True, size_bytes=fresh.size_bytes, duplicates=fresh.duplicates)
 
 
 def bring_up_to_date(settings: Settings) -> ExtractSummary:

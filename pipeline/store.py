@@ -346,6 +346,27 @@ class FeatureStore:
     def labels(self, split: str) -> np.ndarray:
         return self._indexes[split].labels
 
+    def identical_files(self, examples: int = 3) -> tuple[int, int, list[str]]:
+        """Byte-identical images, found by their stored digests: test images identical to a train image (they
+        inflate the test accuracy), train files identical to one filed under another class (a label that
+        contradicts another), and up to ``examples`` lines naming both files of each kind."""
+        def keyed(split: str) -> np.ndarray:
+            return np.ascontiguousarray(self._indexes[split].digests).view(f"V{DIGEST_BYTES}").ravel()
+
+        if not {"train", "test"} <= set(self.splits):
+            return 0, 0, []
+        train, test = keyed("train"), keyed("test")
+        train_paths, test_paths = self.paths("train"), self.paths("test")
+        order = np.argsort(train, kind="stable")
+        sorted_train = train[order]
+        found = np.searchsorted(sorted_train, test).clip(max=len(train) - 1) if len(train) else np.zeros(0, dtype=int)
+        leaked = np.flatnonzero(sorted_train[found] == test) if len(train) else np.zeros(0, dtype=int)
+        lines = [f"{test_paths[i]} = {train_paths[order[found[i]]]}" for i in leaked[:examples]]
+        labels = self.labels("train")[order]
+        conflict = np.flatnonzero((sorted_train[1:] == sorted_train[:-1]) & (labels[1:] != labels[:-1]))
+        lines += [f"{train_paths[order[i]]} = {train_paths[order[i + 1]]}" for i in conflict[:examples]]
+        return len(leaked), len(np.unique(sorted_train[conflict])), lines
+
     def paths(self, split: str) -> list[str]:
         return self._indexes[split].paths
 

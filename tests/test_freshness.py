@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, make_images, run_cli_process
 from pipeline.config import Settings
 from pipeline.extract import extract
-from pipeline.freshness import RECORD_NAME, bring_up_to_date, fresh_summary, record_file
+from pipeline.freshness import RECORD_NAME, Duplicates, bring_up_to_date, fresh_summary, record_file
 from pipeline.listing import scan_dataset
 
 
@@ -128,3 +128,20 @@ def test_an_up_to_date_command_never_imports_torch(cached):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "features: up to date" in result.stdout and result.stdout.strip().endswith("[]")
+
+
+def test_identical_files_across_splits_and_classes_are_found_and_remembered(cached):
+    import shutil
+
+    shutil.copy(cached.data / "train/cat/cat1.png", cached.data / "test/cat/copy.png")
+    shutil.copy(cached.data / "train/cat/cat2.png", cached.data / "train/dog/mislabelled.png")
+    summary = extract(cached)
+    assert (summary.duplicates.test_in_train, summary.duplicates.across_classes) == (1, 1)
+    assert set(summary.duplicates.examples) == {"test/cat/copy.png = train/cat/cat1.png",
+                                                "train/cat/cat2.png = train/dog/mislabelled.png"}
+    fresh = fresh_summary(cached, scan_dataset(cached.data))
+    assert fresh is not None and fresh.duplicates == summary.duplicates
+
+
+def test_distinct_images_have_no_duplicates(cached):
+    assert extract(cached).duplicates == Duplicates() and Duplicates().lines() == []
