@@ -55,10 +55,11 @@ test: ## run the whole test suite (unit, fault-injection and the integration tes
 test-fast: ## unit tests only (no fault injection, torchrun or real data)
 	$(PYTHON) -m pytest -m "not slow and not integration"
 
-bench: ## measure stage one, time-to-head, CPU runtimes, memory, and cost against N (SCALE_N="10000 100000"); writes CACHE/bench.json
+bench: ## measure stage one, time-to-head, CPU runtimes, memory, and cost against N (SCALE_N="10000 100000"); writes CACHE/bench.json and benchmarks/RESULTS.md
 	$(PYTHON) benchmarks/bench.py $(call flag,BACKBONE,backbone) $(call flag,CACHE,cache) $(call flag,DEVICE,device) \
 		$(call flag,BATCH_SIZE,batch-size) $(call flag,DATA,data)
 	$(PYTHON) benchmarks/scale.py $(call flag,CACHE,cache) $(if $(SCALE_N),--n $(SCALE_N))
+	$(PYTHON) benchmarks/results.py $(or $(CACHE),cache)
 
 clean: ## delete everything written under CACHE (default cache/), keeping the folder
 	find $(or $(CACHE),cache) -mindepth 1 ! -name .gitkeep -delete

@@ -26,6 +26,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from pipeline.backbones import get_backbone, load_backbone
 from pipeline.config import DEFAULTS, Settings
 from pipeline.extract import decode_workers, extract
+from pipeline.files import atomic_write_text
 from pipeline.head import HeadClassifier, MLPHead
 from pipeline.images import ImageFiles, collate_good, jpeg_decoder, load_image, load_rgb
 from pipeline.listing import scan_dataset
@@ -315,7 +316,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     args.cache.mkdir(parents=True, exist_ok=True)
-    (args.cache / "bench.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(args.cache / "bench.json", json.dumps(results, indent=2))
     print(render(results))
     print(f"wrote {args.cache / 'bench.json'}")
 
