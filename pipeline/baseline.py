@@ -1,7 +1,13 @@
-"""The baseline: standardised, L2-regularised multinomial logistic regression, C chosen on the validation split.
+"""The baseline: L2-regularised multinomial logistic regression on standardised (by default power-normalised) vectors.
 
-It is scikit-learn's ``make_pipeline(StandardScaler(), LogisticRegression(C=C))`` (lbfgs), fitted by a
-path over the C grid instead of one cold fit per C:
+C is chosen from ``C_GRID`` (10^-2 to 10^3, two per decade) on the validation split, or, with ``cv_folds`` k >= 2, by
+stratified k-fold cross-validation over train and validation together when they hold at most ``CV_MAX_VECTORS``
+vectors (with 30 images per class a 10% validation split is 3 images per class); then the model is refitted at
+that C on train and validation together (``final_fit``), as scikit-learn's ``LogisticRegressionCV(refit=True)``.
+``class_weight`` "balanced" weighs each vector's log loss as scikit-learn's ``class_weight="balanced"``.
+
+It is scikit-learn's ``make_pipeline(StandardScaler(), LogisticRegression(C=C))`` (lbfgs), preceded by the
+normalisation (a ``FunctionTransformer``), fitted by a path over the C grid instead of one cold fit per C:
 
 - the same objective: C * (sum of log losses) + 0.5 * ||W||^2 on standardised vectors, intercept unpenalised
   (binary: one weight vector, as scikit-learn does), minimised by the same optimiser (SciPy's L-BFGS-B) with
@@ -12,9 +18,11 @@ path over the C grid instead of one cold fit per C:
   start must also cut the gradient that the change of C adds 100-fold (WARM_REDUCTION, WARM_FLOOR): with
   TOL alone, at 10^5 vectors the larger Cs would keep the previous solution unchanged. On flowers-17 and
   cats-dogs this picks the C, and gives the validation scores, of solutions converged to 1e-7;
-- loss and gradient are computed by torch in float32, in row blocks, on the vectors as given: the
-  standardisation is folded into the weights (X/s @ W = X @ (W/s)), so there is no float64 copy, no scaled
-  copy of X, and no N x C matrix larger than a block. On CUDA when ``torch.cuda.is_available()``.
+- loss and gradient are computed by torch in float32, in row blocks, on the vectors as given: the normalisation is
+  applied block by block and the standardisation is folded into the weights (X/s @ W = X @ (W/s)), so there is no
+  float64 copy, no normalised or scaled copy of X, no copy of train and validation joined, and no N x C matrix
+  larger than a block. On CUDA when ``torch.cuda.is_available()``. Only the cross-validation, at most
+  ``CV_MAX_VECTORS`` vectors, copies its folds.
 
 The fitted model is then the scikit-learn pipeline built from those coefficients, so prediction, and the
 JSON file (coefficients, not a pickle: readable anywhere, safe to load, exact float round trip), are as before.
@@ -23,6 +31,8 @@ JSON file (coefficients, not a pickle: readable anywhere, safe to load, exact fl
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +40,17 @@ import torch
 from scipy.optimize import minimize
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, log_loss
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.utils.validation import check_X_y
 
+from pipeline.config import DEFAULTS
 from pipeline.files import atomic_write_text
-from pipeline.head import training_device
+from pipeline.head import PRE_ACCURACY_PARAMS, balanced_class_weights, normalise, training_device
 
-C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+C_GRID = tuple(float(10.0 ** (e / 2)) for e in range(-4, 7))  # 10^-2 .. 10^3, two per decade
+CV_MAX_VECTORS = 20_000  # up to this many train + validation vectors C is chosen by cross-validation
 MAX_ITER = 2000
 TOL = 1e-4  # scikit-learn's default
 # A warm start must also cut the gradient that the change of C adds at its start WARM_REDUCTION-fold (but need
@@ -48,13 +61,26 @@ WARM_FLOOR = 1e-5
 BLOCK_ROWS = 8192  # rows per block of the loss and gradient: bounds the N x C temporaries
 
 
-def standardiser(X: np.ndarray, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """StandardScaler's mean_ and scale_ (float64, population std; constant features get scale 1), in row blocks."""
-    n = len(X)
-    mean = X.sum(axis=0, dtype=np.float64) / n
-    var = np.zeros(X.shape[1])
-    for start in range(0, n, block):
-        centred = X[start:start + block].astype(np.float64)
+def _blocks(parts: Sequence, block: int, normalisation: str) -> Iterator[tuple[int, np.ndarray | torch.Tensor]]:
+    """(row offset, normalised block) over the rows of ``parts`` as if joined, ``block`` rows at most each."""
+    offset = 0
+    for part in parts:
+        for start in range(0, len(part), block):
+            yield offset + start, normalise(part[start:start + block], normalisation)
+        offset += len(part)
+
+
+def standardiser(*parts: np.ndarray, block: int = 2048, normalisation: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    """StandardScaler's mean_ and scale_ (float64, population std; constant features get scale 1) of the normalised
+    rows of ``parts`` taken together, in row blocks (no copy of a part)."""
+    n = sum(len(part) for part in parts)
+    mean = np.zeros(parts[0].shape[1])
+    for _, rows in _blocks(parts, block, normalisation):
+        mean += rows.sum(axis=0, dtype=np.float64)
+    mean /= n
+    var = np.zeros(parts[0].shape[1])
+    for _, rows in _blocks(parts, block, normalisation):
+        centred = rows.astype(np.float64)
         centred -= mean
         var += np.einsum("ij,ij->j", centred, centred)
     var /= n
@@ -65,30 +91,39 @@ def standardiser(X: np.ndarray, block: int = 2048) -> tuple[np.ndarray, np.ndarr
     return mean, scale
 
 
-def as_pipeline(mean, scale, coef, intercept, fitted_classes, C: float) -> Pipeline:
-    """The scikit-learn StandardScaler + LogisticRegression pipeline with these parameters (no fitting)."""
+def as_pipeline(mean, scale, coef, intercept, fitted_classes, C: float, normalisation: str = "none") -> Pipeline:
+    """The scikit-learn (normalisation +) StandardScaler + LogisticRegression pipeline with these parameters (no
+    fitting)."""
     scaler = StandardScaler()
     scaler.mean_, scaler.scale_ = np.array(mean, dtype=np.float64), np.array(scale, dtype=np.float64)
     scaler.var_, scaler.n_features_in_, scaler.n_samples_seen_ = scaler.scale_ ** 2, len(scaler.mean_), 0
     logreg = LogisticRegression(C=C)
-    logreg.coef_, logreg.intercept_ = np.array(coef, dtype=np.float64), np.array(intercept, dtype=np.float64)
+    # C order, as a loaded file gives it: the same layout gives the same float sums, so loaded = fitted, bit for bit
+    logreg.coef_, logreg.intercept_ = np.ascontiguousarray(coef, dtype=np.float64), np.array(intercept, dtype=np.float64)
     logreg.classes_, logreg.n_features_in_ = np.array(fitted_classes), len(scaler.mean_)
-    return Pipeline([("standardscaler", scaler), ("logisticregression", logreg)])
+    steps = [("standardscaler", scaler), ("logisticregression", logreg)]
+    if normalisation != "none":
+        steps.insert(0, ("normalise", FunctionTransformer(normalise, kw_args={"kind": normalisation})))
+    return Pipeline(steps)
 
 
 class _Objective:
-    """scikit-learn's lbfgs objective for standardised X, scaled by 1/N: mean log loss + ||W||^2 / (2 C N).
+    """scikit-learn's lbfgs objective for standardised X, scaled by 1/N: mean (weighted) log loss + ||W||^2 / (2 C N).
 
-    Parameters are one float64 vector: W (D x K, K = 1 for two classes) then the K intercepts, for the
-    standardised features. X itself is never standardised: logits are X @ (W/s) + (b - (m/s) @ W).
+    X is the rows of ``parts`` taken together (never joined into one array), normalised block by block. Parameters
+    are one float64 vector: W (D x K, K = 1 for two classes) then the K intercepts, for the standardised features.
+    X itself is never standardised: logits are X @ (W/s) + (b - (m/s) @ W). ``weights``: one per class code, or None.
     """
 
-    def __init__(self, X: np.ndarray, codes: np.ndarray, n_fitted: int, mean, scale, device: torch.device):
-        self.n, self.dim = X.shape
+    def __init__(self, parts: Sequence[np.ndarray], codes: np.ndarray, n_fitted: int, mean, scale, device: torch.device,
+                 normalisation: str, weights: np.ndarray | None):
+        self.n, self.dim = sum(len(part) for part in parts), parts[0].shape[1]
         self.k = 1 if n_fitted == 2 else n_fitted
-        self.device = device
-        self.X = torch.from_numpy(X).to(device)  # a view on the CPU; one copy on an accelerator
-        self.codes = torch.from_numpy(codes.astype(np.int64)).to(device)
+        self.device, self.normalisation = device, normalisation
+        self.parts = [torch.from_numpy(part).to(device) for part in parts]  # views on the CPU; copies on an accelerator
+        self.codes = torch.from_numpy(codes.astype(np.int64, copy=False)).to(device)
+        self.row_weights = None if weights is None else \
+            torch.from_numpy(weights.astype(np.float32)).to(device)[self.codes]
         self.mean, self.scale = mean, scale
         self.C = 1.0
         self.evaluations = 0
@@ -98,18 +133,18 @@ class _Objective:
         return w[:self.dim * self.k].reshape(self.dim, self.k), w[self.dim * self.k:]
 
     def folded(self, w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights and intercepts that act on the raw (unstandardised) vectors, float32 on the device."""
+        """Weights and intercepts that act on the normalised, unstandardised vectors, float32 on the device."""
         W, b = self.split(w)
         W_raw = W / self.scale[:, None]
         b_raw = b - self.mean @ W_raw
         as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)  # noqa: E731
         return as_tensor(W_raw), as_tensor(b_raw)
 
-    def logits(self, X: torch.Tensor, w: np.ndarray):
-        """Raw-space logits of X, block by block."""
+    def logits(self, parts: Sequence[torch.Tensor], w: np.ndarray) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(row offset, normalised block, its logits) over ``parts``, block by block."""
         W, b = self.folded(w)
-        for start in range(0, len(X), BLOCK_ROWS):
-            yield start, torch.addmm(b, X[start:start + BLOCK_ROWS], W)
+        for start, rows in _blocks(parts, BLOCK_ROWS, self.normalisation):
+            yield start, rows, torch.addmm(b, rows, W)
 
     def __call__(self, w: np.ndarray) -> tuple[float, np.ndarray]:
         for C, seen, value, gradient in self._recent:
@@ -119,7 +154,7 @@ class _Objective:
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         grad_W = torch.zeros((self.dim, self.k), dtype=torch.float64, device=self.device)
         grad_b = torch.zeros(self.k, dtype=torch.float64, device=self.device)
-        for start, z in self.logits(self.X, w):
+        for start, rows, z in self.logits(self.parts, w):
             codes = self.codes[start:start + len(z)]
             # exponents are clamped at -75 (e^-75 ~ 3e-33): float32 denormals (below 1.2e-38, also after dividing by the
             # sum of up to 10^5 class terms) make exp and matmul 10x slower, and a
@@ -127,17 +162,21 @@ class _Objective:
             if self.k == 1:  # binomial: log(1 + e^z) - y z, gradient sigmoid(z) - y
                 target = codes.to(z.dtype)[:, None]
                 e = torch.exp(torch.clamp(-z.abs(), min=-75.0))
-                loss += (torch.relu(z) + torch.log1p(e) - target * z).sum(dtype=torch.float64)
+                row_loss = torch.relu(z) + torch.log1p(e) - target * z
                 residual = torch.where(z >= 0, 1 / (1 + e), e / (1 + e)) - target
             else:  # multinomial: logsumexp(z) - z_y, gradient softmax(z) - onehot(y)
                 top = z.amax(dim=1, keepdim=True)
                 picked = z.gather(1, codes[:, None])
                 residual = z.sub_(top).clamp_(min=-75.0).exp_()  # in place: z is not needed any more
                 total = residual.sum(dim=1, keepdim=True)
-                loss += (top + torch.log(total) - picked).sum(dtype=torch.float64)
+                row_loss = top + torch.log(total) - picked
                 residual /= total
                 residual[torch.arange(len(z), device=self.device), codes] -= 1
-            grad_W += (residual.T @ self.X[start:start + len(z)]).T.double()  # R^T X: the faster orientation
+            if self.row_weights is not None:
+                weights = self.row_weights[start:start + len(z), None]
+                row_loss, residual = row_loss * weights, residual * weights
+            loss += row_loss.sum(dtype=torch.float64)
+            grad_W += (residual.T @ rows).T.double()  # R^T X: the faster orientation
             grad_b += residual.sum(0, dtype=torch.float64)
         W, _ = self.split(w)
         grad_W, grad_b = grad_W.cpu().numpy(), grad_b.cpu().numpy()
@@ -151,34 +190,57 @@ class _Objective:
 
     def proba(self, X: torch.Tensor, w: np.ndarray) -> np.ndarray:
         """Probabilities over the fitted classes (float64), as scikit-learn's predict_proba gives them."""
-        z = torch.cat([block for _, block in self.logits(X, w)]).double()
+        z = torch.cat([block for _, _, block in self.logits([X], w)]).double()
         if self.k == 1:
             p = torch.sigmoid(z)
             return torch.cat([1 - p, p], dim=1).cpu().numpy()
         return torch.softmax(z, dim=1).cpu().numpy()
 
+    def minimise(self, C: float, start: np.ndarray, gtol: float) -> tuple[np.ndarray, int]:
+        """The solution at C from ``start`` (SciPy's L-BFGS-B, scikit-learn's settings but ``gtol``), its iterations."""
+        self.C = C
+        result = minimize(self, start, method="L-BFGS-B", jac=True,
+                          options={"maxiter": MAX_ITER, "maxls": 50, "gtol": gtol, "ftol": 64 * np.finfo(float).eps})
+        return result.x, int(result.nit)
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    """A fitted model in the standardised parametrisation: standardisation, fitted classes, W (D x K) and b (K)."""
+    mean: np.ndarray
+    scale: np.ndarray
+    classes: np.ndarray
+    W: np.ndarray
+    b: np.ndarray
+
+
+def _rank(scores: tuple[float, float]) -> tuple[float, float]:
+    """Validation (accuracy, log loss) as a key to maximise: accuracy first, then the lower log loss."""
+    return scores[0], -scores[1]
+
 
 class LogisticBaseline:
-    def __init__(self, Cs: tuple[float, ...] = C_GRID, seed: int = 0, tol: float = TOL, device: str = "auto"):
-        self.Cs, self.seed, self.tol, self.device = Cs, seed, tol, device
+    """See the module's docstring. ``cv_folds`` below 2 (or a train split above ``CV_MAX_VECTORS``): C is chosen on
+    the validation split; ``final_fit`` "train": the model is the one fitted on X alone."""
 
-    def fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> LogisticBaseline:
-        """Fit one model per C on (X, y), along increasing C with warm starts; keep the best validation accuracy
-        (ties: lower log loss, then smaller C). float32 input is used as is (no copy)."""
-        X, y = check_X_y(X, y, dtype=np.float32)
-        X_val, y_val = check_X_y(X_val, y_val, dtype=np.float32)
-        labels = np.arange(n_classes or max(y.max(), y_val.max()) + 1)
-        fitted_classes, codes = np.unique(y, return_inverse=True)
-        if len(fitted_classes) < 2:
-            raise ValueError(f"the baseline needs train vectors of at least 2 classes; got only class {fitted_classes[0]}")
-        mean, scale = standardiser(X)
-        device = training_device(self.device)
-        objective = _Objective(X, codes, len(fitted_classes), mean, scale, device)
-        X_val_t = torch.from_numpy(X_val).to(device)
-        self.val_scores_: dict[float, dict[str, float]] = {}
-        self.n_iter_: dict[float, int] = {}
-        best_key, best_w, path = None, None, []  # path: the solutions at the last two Cs
-        for C in sorted(self.Cs):
+    def __init__(self, Cs: tuple[float, ...] = C_GRID, seed: int = 0, tol: float = TOL, device: str = "auto",
+                 cv_folds: int = DEFAULTS.cv_folds, final_fit: str = DEFAULTS.final_fit,
+                 normalisation: str = DEFAULTS.normalisation, class_weight: str = DEFAULTS.class_weight):
+        self.Cs, self.seed, self.tol, self.device = Cs, seed, tol, device
+        self.cv_folds, self.final_fit, self.normalisation, self.class_weight = cv_folds, final_fit, normalisation, class_weight
+
+    def _objective(self, parts: Sequence[np.ndarray], codes: np.ndarray, n_fitted: int, device: torch.device,
+                   normalisation: str) -> _Objective:
+        """The objective on the rows of ``parts``, which ``normalisation`` turns into the vectors to fit."""
+        mean, scale = standardiser(*parts, normalisation=normalisation)
+        weights = balanced_class_weights(codes, n_fitted) if self.class_weight == "balanced" else None
+        return _Objective(parts, codes, n_fitted, mean, scale, device, normalisation, weights)
+
+    def _path(self, objective: _Objective, Cs: Sequence[float]) -> Iterator[tuple[float, np.ndarray]]:
+        """The solutions along increasing ``Cs``, each fit warm-started from the one before (or one step further)."""
+        path: list[np.ndarray] = []  # the solutions at the last two Cs
+        C_before = 0.0  # the C of path[-1]
+        for C in sorted(Cs):
             objective.C = C
             start, gtol = np.zeros((objective.dim + 1) * objective.k), self.tol
             if path:  # a warm start from the solution at the C before
@@ -189,20 +251,95 @@ class LogisticBaseline:
                     guess = 2 * path[-1] - path[-2]
                     if objective(guess)[0] < objective(start)[0]:
                         start = guess
-            result = minimize(objective, start, method="L-BFGS-B", jac=True,
-                              options={"maxiter": MAX_ITER, "maxls": 50, "gtol": gtol, "ftol": 64 * np.finfo(float).eps})
-            w, path, C_before = result.x, [*path[-1:], result.x], C
-            self.n_iter_[C] = int(result.nit)
-            proba = objective.proba(X_val_t, w)
-            accuracy = accuracy_score(y_val, fitted_classes[proba.argmax(1)])
-            loss = log_loss(y_val, proba, labels=fitted_classes)
-            self.val_scores_[C] = {"val_accuracy": float(accuracy), "val_log_loss": float(loss)}
-            if best_key is None or (accuracy, -loss) > best_key:
-                best_key, self.C_, best_w = (accuracy, -loss), C, w.copy()
-        W, b = objective.split(best_w)
-        self.pipeline_ = as_pipeline(mean, scale, W.T, b, fitted_classes, self.C_)
+            w, self.n_iter_[C] = objective.minimise(C, start, gtol)
+            path, C_before = [*path[-1:], w], C
+            yield C, w
+
+    @staticmethod
+    def _scores(objective: _Objective, X_val: torch.Tensor, y_val: np.ndarray, fitted_classes: np.ndarray,
+                w: np.ndarray) -> tuple[float, float]:
+        proba = objective.proba(X_val, w)
+        return (float(accuracy_score(y_val, fitted_classes[proba.argmax(1)])),
+                float(log_loss(y_val, proba, labels=fitted_classes)))
+
+    def fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> LogisticBaseline:
+        """Choose C (cross-validation or the validation split, see the module), keeping the best mean validation
+        accuracy (ties: lower log loss, then smaller C), then fit at it on train+validation (``final_fit``) or train.
+        float32 input is used as is (no copy) but for the folds of a cross-validation."""
+        X, y = check_X_y(X, y, dtype=np.float32)
+        X_val, y_val = check_X_y(X_val, y_val, dtype=np.float32)
+        labels = np.arange(n_classes or max(y.max(), y_val.max()) + 1)
+        if len(np.unique(y)) < 2:
+            raise ValueError(f"the baseline needs train vectors of at least 2 classes; got only class {y[0]}")
+        device = training_device(self.device)
+        self.n_iter_: dict[float, int] = {}
+        counts = np.bincount(y, minlength=len(labels)) + np.bincount(y_val, minlength=len(labels))
+        folds = min(self.cv_folds, counts[counts > 0].min())
+        warm = None  # the model fitted on X alone at C_, when C is chosen on the validation split
+        if folds >= 2 and counts.sum() <= CV_MAX_VECTORS:
+            # small: train and validation are joined and normalised once, and every fit reads that copy as is
+            self.selection_ = f"{folds}-fold cross-validation"
+            joined = normalise(np.concatenate([X, X_val]), self.normalisation)
+            parts, vectors_are = [joined] if self.final_fit == "train+val" else [joined[:len(X)]], "none"
+            totals = self._cross_validate(joined, np.concatenate([y, y_val]), folds, device)
+            self.C_ = max(sorted(totals), key=lambda C: (*_rank(totals[C]), -C))
+        else:  # large: the vectors are used as given, normalised block by block in every evaluation
+            self.selection_ = "validation split"
+            parts, vectors_are = [X, X_val] if self.final_fit == "train+val" else [X], self.normalisation
+            totals, warm = self._validate(X, y, X_val, y_val, device)
+        self.val_scores_ = {C: {"val_accuracy": a, "val_log_loss": l} for C, (a, l) in totals.items()}
+        fit_y = np.concatenate([y, y_val]) if self.final_fit == "train+val" else y
+        self.n_fitted_ = len(fit_y)
+        if self.final_fit == "train" and warm is not None:
+            fitted = warm
+        else:
+            fitted_classes, codes = np.unique(fit_y, return_inverse=True)
+            objective = self._objective(parts, codes, len(fitted_classes), device, vectors_are)
+            if warm is not None and np.array_equal(warm.classes, fitted_classes):
+                w = self._refit(objective, warm)
+            else:
+                *_, (_, w) = self._path(objective, [C for C in self.Cs if C <= self.C_])
+            fitted = _Fitted(objective.mean, objective.scale, fitted_classes, *objective.split(w))
+        self.pipeline_ = as_pipeline(fitted.mean, fitted.scale, fitted.W.T, fitted.b, fitted.classes, self.C_,
+                                     self.normalisation)
         self.classes_ = labels
         return self
+
+    def _validate(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
+                  device: torch.device) -> tuple[dict[float, tuple], _Fitted]:
+        """Validation (accuracy, log loss) per C of the path fitted on X; sets C_ and returns the model fitted at it."""
+        totals, best = {}, None
+        fitted_classes, codes = np.unique(y, return_inverse=True)
+        objective = self._objective([X], codes, len(fitted_classes), device, self.normalisation)
+        X_val_t = torch.from_numpy(X_val).to(device)
+        for C, w in self._path(objective, self.Cs):
+            totals[C] = self._scores(objective, X_val_t, y_val, fitted_classes, w)
+            if best is None or _rank(totals[C]) > best:
+                best, self.C_, chosen = _rank(totals[C]), C, w
+        return totals, _Fitted(objective.mean, objective.scale, fitted_classes, *objective.split(chosen))
+
+    def _refit(self, objective: _Objective, before: _Fitted) -> np.ndarray:
+        """The solution at C_ for ``objective`` from the model ``before`` (the same function of the vectors,
+        re-expressed in the new standardisation), whose gradient it must cut WARM_REDUCTION-fold (to at most TOL)."""
+        W_raw = before.W / before.scale[:, None]
+        b_raw = before.b - before.mean @ W_raw
+        start = np.concatenate([(W_raw * objective.scale[:, None]).ravel(), b_raw + objective.mean @ W_raw])
+        objective.C = self.C_
+        gtol = min(self.tol, max(WARM_FLOOR, WARM_REDUCTION * np.abs(objective(start)[1]).max()))
+        refitted, self.n_iter_[self.C_] = objective.minimise(self.C_, start, gtol)
+        return refitted
+
+    def _cross_validate(self, X: np.ndarray, y: np.ndarray, folds: int, device: torch.device) -> dict[float, tuple]:
+        """Mean validation (accuracy, log loss) per C over stratified ``folds`` (shuffled, seeded) of the already
+        normalised X."""
+        totals = {C: np.zeros(2) for C in self.Cs}
+        for fit_rows, val_rows in StratifiedKFold(folds, shuffle=True, random_state=self.seed).split(X, y):
+            fitted_classes, codes = np.unique(y[fit_rows], return_inverse=True)
+            objective = self._objective([X[fit_rows]], codes, len(fitted_classes), device, "none")
+            X_val_t = torch.from_numpy(X[val_rows]).to(device)
+            for C, w in self._path(objective, self.Cs):
+                totals[C] += self._scores(objective, X_val_t, y[val_rows], fitted_classes, w)
+        return {C: tuple(total / folds) for C, total in totals.items()}
 
     def predict_proba(self, X) -> np.ndarray:
         """Probabilities over all classes (zero for a class absent from the training labels)."""
@@ -221,6 +358,11 @@ class LogisticBaseline:
         scaler, logreg = self.pipeline_.named_steps["standardscaler"], self.pipeline_.named_steps["logisticregression"]
         atomic_write_text(path, json.dumps({
             "C": self.C_,
+            "selection": self.selection_,
+            "n_fitted": self.n_fitted_,
+            "normalisation": self.normalisation,
+            "class_weight": self.class_weight,
+            "final_fit": self.final_fit,
             "classes": self.classes_.tolist(),
             "fitted_classes": logreg.classes_.tolist(),
             "mean": scaler.mean_.tolist(),
@@ -235,9 +377,11 @@ class LogisticBaseline:
     def load(cls, path: Path) -> tuple[LogisticBaseline, dict]:
         """The fitted baseline, rebuilt as a scikit-learn pipeline from its coefficients, and the file's content."""
         saved = json.loads(Path(path).read_text())
-        baseline = cls()
+        settings = {**PRE_ACCURACY_PARAMS, **{k: saved[k] for k in PRE_ACCURACY_PARAMS if k in saved}}
+        baseline = cls(**settings)
         baseline.C_, baseline.classes_ = saved["C"], np.array(saved["classes"])
+        baseline.selection_, baseline.n_fitted_ = saved.get("selection", "validation split"), saved.get("n_fitted", 0)
         baseline.val_scores_ = {float(C): s for C, s in saved["val_scores"].items()}
         baseline.pipeline_ = as_pipeline(saved["mean"], saved["scale"], saved["coef"], saved["intercept"],
-                                         saved["fitted_classes"], saved["C"])
+                                         saved["fitted_classes"], saved["C"], baseline.normalisation)
         return baseline, saved

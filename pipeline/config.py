@@ -19,6 +19,9 @@ RUNTIMES = ("torch", "compile", "openvino")
 STORAGES = ("float32", "float16")
 MODELS = ("head", "logreg")
 FORMATS = ("text", "csv", "json")
+NORMALISATIONS = ("power", "none")
+CLASS_WEIGHTS = ("balanced", "none")
+FINAL_FITS = ("train+val", "train")
 SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's random_state range
 
 
@@ -88,6 +91,18 @@ class Settings:
                                        "(64 up to 8192 vectors, then doubled per doubling: 1024 for 10^5)", low=0, high=2**20)
     val_fraction: float = _setting(0.1, "fraction of train held out (stratified) for choosing the epoch and C",
                                    low=0, high=1, low_open=True, high_open=True)
+    cv_folds: int = _setting(0, "0 or 1: the baseline's C is chosen on the validation split; k: by stratified k-fold "
+                                "cross-validation when train holds at most 20,000 vectors (fewer folds when a class has "
+                                "fewer images; 3-7x the baseline's time)",
+                             low=0, high=100)
+    final_fit: str = _setting("train+val", "what head and baseline are fitted on once the epoch and C are chosen: "
+                                           "train+val (all of train) or train (without the validation split)",
+                              choices=FINAL_FITS)
+    normalisation: str = _setting("power", "element-wise normalisation of the vectors before head and baseline: power "
+                                           "(signed square root) or none", choices=NORMALISATIONS)
+    class_weight: str = _setting("balanced", "weight of each train vector in the loss of head and baseline: balanced "
+                                             "(N / (classes x its class's count): every class counts the same) or none",
+                                 choices=CLASS_WEIGHTS)
     # compare
     backbones: str = _setting("densenet121 resnet50 efficientnet_lite0", "space-separated backbones for `compare`")
     # predict
@@ -98,6 +113,9 @@ class Settings:
     debug: bool = _setting(False, "show full tracebacks instead of one-line errors")
 
     def __post_init__(self) -> None:
+        for name in ("data", "cache", "weights"):  # paths may be given as str, as everywhere in Python
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, Path(getattr(self, name)))
         for name in SETTING_FIELDS:
             check_value(name, getattr(self, name))
         if not self.backbones.split():

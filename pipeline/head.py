@@ -18,6 +18,8 @@ from pipeline.config import DEFAULTS
 from pipeline.files import atomic_write
 
 
+# what a checkpoint saved before these settings existed was trained with
+PRE_ACCURACY_PARAMS = {"normalisation": "none", "class_weight": "none", "final_fit": "train"}
 SMALL_TRAIN = 8192  # up to this many training vectors, batch_size 0 means 64 (the seed notebook's batch)
 
 
@@ -28,6 +30,24 @@ def auto_batch_size(n_train: int) -> int:
     while n_train > SMALL_TRAIN * batch // 64:
         batch *= 2
     return batch
+
+
+def normalise(X: np.ndarray | torch.Tensor, kind: str) -> np.ndarray | torch.Tensor:
+    """The element-wise normalisation ``kind`` of a numpy array or torch tensor: "power" is a new array of the signed
+    square roots sign(x) * sqrt(|x|) (it damps the few large activations of pooled CNN vectors); "none" is X itself.
+    Element-wise, so it may be applied block by block."""
+    if kind == "none":
+        return X
+    if isinstance(X, torch.Tensor):
+        return X.abs().sqrt_().copysign_(X)
+    return np.copysign(np.sqrt(np.abs(X)), X)
+
+
+def balanced_class_weights(codes: np.ndarray, n_classes: int) -> np.ndarray:
+    """scikit-learn's ``class_weight="balanced"``: N / (n_classes * count) per class code (float64, one per class; a
+    class without vectors gets 0), so every class's vectors weigh the same in total."""
+    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
+    return np.divide(len(codes), n_classes * counts, out=np.zeros(n_classes), where=counts > 0)
 
 
 def training_device(device: str = "auto") -> torch.device:
@@ -58,71 +78,118 @@ class EpochLog:
         )
 
 
-class HeadClassifier:
-    """NLLLoss + Adam; keeps the epoch with the lowest validation loss (early stopping after ``patience``).
+def _rows(parts: list[torch.Tensor], labels: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``index`` of the concatenation of ``parts`` (and their labels), gathered without concatenating the parts."""
+    if len(parts) == 1:
+        return parts[0][index], labels[0][index]
+    first = index < len(parts[0])
+    later = index[~first] - len(parts[0])
+    return torch.cat([parts[0][index[first]], parts[1][later]]), torch.cat([labels[0][index[first]], labels[1][later]])
 
-    ``batch_size`` 0 picks it from the number of training vectors (``auto_batch_size``). ``device`` "auto" trains on
-    CUDA when ``torch.cuda.is_available()`` and on the CPU otherwise; the fitted model always ends on the CPU.
+
+class HeadClassifier:
+    """NLLLoss + Adam; the epoch is the one with the lowest validation loss (early stopping after ``patience``).
+
+    ``final_fit`` "train+val": once the epoch is chosen, a new head (same seed) is trained for exactly that many epochs
+    on train and validation together, and kept; "train": the chosen epoch's head itself. ``normalisation`` is applied
+    to every input, in fit and predict (see ``normalise``); ``class_weight`` "balanced" weighs NLLLoss by class (see
+    ``balanced_class_weights``). ``batch_size`` 0 picks it from the number of training vectors (``auto_batch_size``).
+    ``device`` "auto" trains on CUDA when ``torch.cuda.is_available()`` and on the CPU otherwise; the fitted model
+    always ends on the CPU.
     """
 
     def __init__(self, hidden: int = DEFAULTS.hidden, dropout: float = DEFAULTS.dropout, lr: float = DEFAULTS.lr,
                  epochs: int = DEFAULTS.epochs, batch_size: int = DEFAULTS.head_batch_size,
                  patience: int = DEFAULTS.patience, seed: int = DEFAULTS.seed, verbose: bool = False,
-                 device: str = "auto"):
+                 device: str = "auto", normalisation: str = DEFAULTS.normalisation,
+                 class_weight: str = DEFAULTS.class_weight, final_fit: str = DEFAULTS.final_fit):
         self.hidden, self.dropout, self.lr, self.epochs = hidden, dropout, lr, epochs
         self.batch_size, self.patience, self.seed, self.verbose, self.device = batch_size, patience, seed, verbose, device
+        self.normalisation, self.class_weight, self.final_fit = normalisation, class_weight, final_fit
 
     def get_params(self) -> dict:
-        return {k: getattr(self, k) for k in ("hidden", "dropout", "lr", "epochs", "batch_size", "patience", "seed")}
+        return {k: getattr(self, k) for k in ("hidden", "dropout", "lr", "epochs", "batch_size", "patience", "seed",
+                                              "normalisation", "class_weight", "final_fit")}
 
     def fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> HeadClassifier:
-        X, y = check_X_y(X, y, dtype=np.float32)  # float32 input is used as is (a view, no copy)
+        """Choose the epoch on (X_val, y_val), then keep that head or refit on both (``final_fit``); float32 input is
+        used as is (no copy of X, also when refitting)."""
+        X, y = check_X_y(X, y, dtype=np.float32)
         X_val, y_val = check_X_y(X_val, y_val, dtype=np.float32)
         self.n_classes_ = int(n_classes or max(y.max(), y_val.max()) + 1)
         self.classes_ = np.arange(self.n_classes_)
         self.batch_size_ = self.batch_size or auto_batch_size(len(X))
         device = training_device(self.device)
-        torch.manual_seed(self.seed)
-        order = torch.Generator().manual_seed(self.seed)
-        self.model_ = MLPHead(X.shape[1], self.n_classes_, self.hidden, self.dropout).to(device)
-        optimizer = torch.optim.Adam(self.model_.parameters(), lr=self.lr)
-        loss_fn = nn.NLLLoss()
         X_t, y_t = torch.from_numpy(X).to(device), torch.from_numpy(y.astype(np.int64)).to(device)
         Xv_t, yv_t = torch.from_numpy(X_val).to(device), torch.from_numpy(y_val.astype(np.int64)).to(device)
+        Xv_t = normalise(Xv_t, self.normalisation)
         self.history_: list[EpochLog] = []
         best_loss, best_state, waited = math.inf, None, 0
+        model, steps = self._trainer([X_t], [y_t], device)
+        val_loss_fn = self._loss(y_t, device)
         for epoch in range(1, self.epochs + 1):
-            self.model_.train()
-            total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
-            for batch in torch.randperm(len(X_t), generator=order).to(device).split(self.batch_size_):
-                optimizer.zero_grad()
-                loss = loss_fn(self.model_(X_t[batch]), y_t[batch])
-                loss.backward()
-                optimizer.step()
-                total += loss.detach().double() * len(batch)
-            self.model_.eval()
+            train_loss = steps()
+            model.eval()
             with torch.no_grad():
-                log_probs = self.model_(Xv_t)
-                val_loss = loss_fn(log_probs, yv_t).item()
+                log_probs = model(Xv_t)
+                val_loss = val_loss_fn(log_probs, yv_t).item()
                 val_accuracy = (log_probs.argmax(1) == yv_t).float().mean().item()
-            log = EpochLog(epoch, total.item() / len(X_t), val_loss, val_accuracy)
+            log = EpochLog(epoch, train_loss, val_loss, val_accuracy)
             self.history_.append(log)
             if self.verbose:
                 print(log.line(self.epochs))
             if val_loss < best_loss:
-                best_loss, best_state, waited, self.best_epoch_ = val_loss, copy.deepcopy(self.model_.state_dict()), 0, epoch
+                best_loss, best_state, waited, self.best_epoch_ = val_loss, copy.deepcopy(model.state_dict()), 0, epoch
             else:
                 waited += 1
                 if waited >= self.patience:
                     break
-        self.model_.load_state_dict(best_state)
-        self.model_.cpu().eval()
+        model.load_state_dict(best_state)
+        self.n_fitted_ = len(X)
+        if self.final_fit == "train+val" and len(X_val):
+            model, steps = self._trainer([X_t, torch.from_numpy(X_val).to(device)], [y_t, torch.from_numpy(
+                y_val.astype(np.int64)).to(device)], device)
+            for _ in range(self.best_epoch_):
+                steps()
+            self.n_fitted_ = len(X) + len(X_val)
+        self.model_ = model.cpu().eval()
         return self
+
+    def _loss(self, y: torch.Tensor, device: torch.device) -> nn.NLLLoss:
+        """NLLLoss, weighted by ``balanced_class_weights`` of labels ``y`` when ``class_weight`` is "balanced"."""
+        if self.class_weight == "none":
+            return nn.NLLLoss()
+        weights = balanced_class_weights(y.cpu().numpy(), self.n_classes_)
+        return nn.NLLLoss(weight=torch.from_numpy(weights.astype(np.float32)).to(device))
+
+    def _trainer(self, parts: list[torch.Tensor], labels: list[torch.Tensor], device: torch.device):
+        """A new head (seeded) and a function running one epoch over the rows of ``parts`` that returns its mean
+        training loss; the shuffling generator is seeded too, so the same seed gives the same epochs."""
+        torch.manual_seed(self.seed)
+        order = torch.Generator().manual_seed(self.seed)
+        model = MLPHead(parts[0].shape[1], self.n_classes_, self.hidden, self.dropout).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
+        loss_fn = self._loss(torch.cat(labels), device)
+        n = sum(len(p) for p in parts)
+
+        def epoch() -> float:
+            model.train()
+            total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
+            for batch in torch.randperm(n, generator=order).to(device).split(self.batch_size_):
+                rows, targets = _rows(parts, labels, batch)
+                optimizer.zero_grad()
+                loss = loss_fn(model(normalise(rows, self.normalisation)), targets)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach().double() * len(batch)
+            return total.item() / n
+
+        return model, epoch
 
     def predict_proba(self, X) -> np.ndarray:
         X = check_array(X, dtype=np.float32)
         with torch.no_grad():
-            return self.model_(torch.from_numpy(X)).exp().numpy()
+            return self.model_(normalise(torch.from_numpy(X), self.normalisation)).exp().numpy()
 
     def predict(self, X) -> np.ndarray:
         return self.predict_proba(X).argmax(1)
@@ -143,6 +210,7 @@ class HeadClassifier:
             "n_classes": self.n_classes_,
             "feature_dim": self.model_[0].in_features,
             "best_epoch": self.best_epoch_,
+            "n_fitted": self.n_fitted_,
             "history": [asdict(h) for h in self.history_],
             **metadata,
         }, checkpoint)
@@ -152,10 +220,11 @@ class HeadClassifier:
     def load(cls, path: Path) -> tuple[HeadClassifier, dict]:
         """The fitted head and the checkpoint's metadata."""
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        head = cls(**checkpoint["params"])
+        head = cls(**{**PRE_ACCURACY_PARAMS, **checkpoint["params"]})
         head.n_classes_ = checkpoint["n_classes"]
         head.classes_ = np.arange(head.n_classes_)
         head.best_epoch_ = checkpoint["best_epoch"]
+        head.n_fitted_ = checkpoint.get("n_fitted", 0)
         head.history_ = [EpochLog(**h) for h in checkpoint["history"]]
         head.model_ = MLPHead(checkpoint["feature_dim"], head.n_classes_, head.hidden, head.dropout)
         head.model_.load_state_dict(checkpoint["state_dict"])

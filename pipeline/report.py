@@ -162,8 +162,9 @@ def build_metrics(settings: Settings, data: Path | None = None) -> dict:
         "n_val": training["n_val"],
         "n_test": n_test,
         "head": {**evaluate(probas["head"], y, classes, seed), "best_epoch": head.best_epoch_, "history": history,
-                 "most_confidently_wrong": wrong["head"]},
-        "logreg": {**evaluate(probas["logreg"], y, classes, seed), "C": baseline.C_,
+                 "fitted_on": head.n_fitted_ or training["n_train"], "most_confidently_wrong": wrong["head"]},
+        "logreg": {**evaluate(probas["logreg"], y, classes, seed), "C": baseline.C_, "C_chosen_by": baseline.selection_,
+                   "fitted_on": baseline.n_fitted_ or training["n_train"],
                    "most_confidently_wrong": wrong["logreg"]},
         "timings": {
             "features_seconds": float(attrs["extraction_seconds"]),
@@ -255,13 +256,23 @@ def _run_rows(metrics: dict) -> list[list[str]]:
                      f"made {run['features_created']}"],
         ["Libraries (stage one)", ", ".join(f"{k} {v}" for k, v in run["versions"].items())],
         ["Head", f"hidden {params['hidden']}, dropout {params['dropout']}, lr {params['lr']}, batch {params['batch_size']}, "
-                 f"up to {params['epochs']} epochs (patience {params['patience']}), kept epoch {metrics['head']['best_epoch']}"],
-        ["Logistic regression", f"C={metrics['logreg']['C']} (chosen on validation)"],
+                 f"up to {params['epochs']} epochs (patience {params['patience']}), epoch {metrics['head']['best_epoch']} "
+                 f"chosen on validation, {_fitted_on(metrics, 'head')}"],
+        ["Logistic regression", f"C={metrics['logreg']['C']:.4g} chosen by {metrics['logreg']['C_chosen_by']} "
+                                f"(best mean validation accuracy), {_fitted_on(metrics, 'logreg')}"],
+        ["Vectors", f"normalisation {params['normalisation']}, class weights {params['class_weight']} "
+                    f"(head and logistic regression)"],
         ["Seed", str(run["training"]["seed"])],
         ["Timings", f"features {t['features_seconds']:.1f} s ({t['images_extracted']} images, {rate:.1f} img/s), "
                     f"head {t['head_seconds']:.2f} s, logreg {t['logreg_seconds']:.2f} s"],
         ["Report made", run["report_created"]],
     ]
+
+
+def _fitted_on(metrics: dict, model: str) -> str:
+    """How many vectors the final model was fitted on, and whether that is train+validation or train alone."""
+    n, n_train = metrics[model]["fitted_on"], metrics["n_train"]
+    return f"fitted on {n} vectors ({'train+validation' if n > n_train else 'train without validation'})"
 
 
 def _augmented_lines(metrics: dict) -> list[str]:

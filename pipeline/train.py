@@ -68,7 +68,8 @@ def load_trained(folder: Path, model: str) -> tuple:
 
 def _new_head(settings: Settings) -> HeadClassifier:
     return HeadClassifier(settings.hidden, settings.dropout, settings.lr, settings.epochs, settings.head_batch_size,
-                          settings.patience, settings.seed, verbose=True)
+                          settings.patience, settings.seed, verbose=True, normalisation=settings.normalisation,
+                          class_weight=settings.class_weight, final_fit=settings.final_fit)
 
 
 def open_features(settings: Settings, data: Path | None = None) -> FeatureStore:
@@ -99,6 +100,23 @@ def _train_on_views(settings: Settings, X, y, paths, train_rows, val_rows, views
     head.save(path, **source)
     return {"n_views": int(keep.sum()), "views_per_image": len(view_paths) // max(1, len(paths)),
             "seconds": time.perf_counter() - start}
+
+
+def choices_record(settings: Settings, head: HeadClassifier, baseline: LogisticBaseline) -> dict:
+    """What stage two chose and how, for training.json and the report: the settings that shape the models, the head's
+    epoch and the baseline's C, how each was chosen and how many vectors the final models were fitted on."""
+    return {
+        "normalisation": settings.normalisation,
+        "class_weight": settings.class_weight,
+        "final_fit": settings.final_fit,
+        "head_epoch": head.best_epoch_,
+        "head_epoch_chosen_by": "validation split",
+        "head_fitted_on": head.n_fitted_,
+        "logreg_C": baseline.C_,
+        "logreg_C_grid": list(baseline.Cs),
+        "logreg_C_chosen_by": baseline.selection_,
+        "logreg_fitted_on": baseline.n_fitted_,
+    }
 
 
 @dataclass
@@ -156,7 +174,9 @@ def train(settings: Settings, data: Path | None = None) -> TrainResult:
     head.fit(X_train, y_train, X_val, y_val, n_classes=len(classes))
     head_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    baseline = LogisticBaseline(seed=settings.seed).fit(X_train, y_train, X_val, y_val, n_classes=len(classes))
+    baseline = LogisticBaseline(seed=settings.seed, cv_folds=settings.cv_folds, final_fit=settings.final_fit,
+                                normalisation=settings.normalisation, class_weight=settings.class_weight)
+    baseline.fit(X_train, y_train, X_val, y_val, n_classes=len(classes))
     baseline_seconds = time.perf_counter() - start
     augmented = {}
     with disk_full_as_user_error(folder, "train-head"):
@@ -174,10 +194,12 @@ def train(settings: Settings, data: Path | None = None) -> TrainResult:
             "head_seconds": head_seconds,
             "logreg_seconds": baseline_seconds,
             "augmented": augmented,
+            "choices": choices_record(settings, head, baseline),
             "files": {f: file_sha256(folder / f) for f in (HEAD_FILE, BASELINE_FILE, AUGMENTED_HEAD_FILE) if (folder / f).is_file()},
         }
         atomic_write_text(folder / TRAINING_FILE, json.dumps({**record, "sha256": _seal(record)}, indent=2))
     print(f"train-head: head best epoch {head.best_epoch_} (val accuracy {head.history_[head.best_epoch_ - 1].val_accuracy:.1%}), "
-          f"{head_seconds:.1f} s | logreg C={baseline.C_} (val accuracy {baseline.val_scores_[baseline.C_]['val_accuracy']:.1%}), "
+          f"fitted on {head.n_fitted_}, {head_seconds:.1f} s | logreg C={baseline.C_:.3g} by {baseline.selection_} "
+          f"(val accuracy {baseline.val_scores_[baseline.C_]['val_accuracy']:.1%}), fitted on {baseline.n_fitted_}, "
           f"{baseline_seconds:.1f} s | saved to {folder}")
     return TrainResult(head, baseline, len(train_rows), len(val_rows), head_seconds, baseline_seconds)

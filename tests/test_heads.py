@@ -18,6 +18,10 @@ from pipeline.baseline import LogisticBaseline, standardiser
 from pipeline.head import HeadClassifier, MLPHead, auto_batch_size
 
 
+# scikit-learn's plain problem: C chosen on the validation split, fitted on train alone, no normalisation or weights
+PLAIN = {"cv_folds": 0, "final_fit": "train", "normalisation": "none", "class_weight": "none"}
+
+
 @pytest.fixture(scope="module")
 def blobs():
     X, y = make_blobs(n_samples=600, n_features=32, centers=3, cluster_std=4.0, random_state=0)
@@ -71,10 +75,12 @@ def test_head_rejects_misshapen_input(blobs):
         HeadClassifier(epochs=1).fit(X, y[:-1], Xv, yv)
 
 
-def test_baseline_picks_c_on_validation_and_is_deterministic(blobs):
+@pytest.mark.parametrize("cv_folds", [0, 5])
+def test_baseline_picks_c_on_validation_and_is_deterministic(blobs, cv_folds):
     X, y, Xv, yv, Xt, yt = blobs
-    a = LogisticBaseline().fit(X, y, Xv, yv)
-    b = LogisticBaseline().fit(X, y, Xv, yv)
+    a = LogisticBaseline(cv_folds=cv_folds).fit(X, y, Xv, yv)
+    b = LogisticBaseline(cv_folds=cv_folds).fit(X, y, Xv, yv)
+    assert a.selection_ == ("validation split" if cv_folds == 0 else "5-fold cross-validation")
     assert a.score(Xt, yt) > 0.9
     best = max(a.val_scores_.items(), key=lambda kv: (kv[1]["val_accuracy"], -kv[1]["val_log_loss"]))[0]
     assert a.C_ == best
@@ -109,7 +115,7 @@ def test_baseline_solves_scikit_learns_problem(blobs, n_classes):
     X, y, Xv, yv = X[y < n_classes], y[y < n_classes], Xv[yv < n_classes], yv[yv < n_classes]
     X, Xv, Xt = (a * 0.5 + 3.0 for a in (X, Xv, Xt))  # features far from centred: the folded standardisation
     for C in (0.01, 1.0):
-        ours = LogisticBaseline(Cs=(C,)).fit(X, y, Xv, yv)
+        ours = LogisticBaseline(Cs=(C,), **PLAIN).fit(X, y, Xv, yv)
         reference = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000)).fit(X.astype(np.float64), y)
         coef = reference.named_steps["logisticregression"].coef_
         assert ours.pipeline_.named_steps["logisticregression"].coef_.shape == coef.shape
@@ -129,9 +135,9 @@ def _objective(baseline: LogisticBaseline, X, y) -> float:
 def test_baseline_warm_start_needs_fewer_iterations_and_ends_near_the_optimum(blobs):
     X, y, _, _, _, _ = blobs
     # validated on its own training data the weaker penalty (C=1) wins; the path reached it from C=0.01's solution
-    path = LogisticBaseline(Cs=(0.01, 1.0)).fit(X, y, X, y)
-    cold = LogisticBaseline(Cs=(1.0,)).fit(X, y, X, y)
-    optimum = _objective(LogisticBaseline(Cs=(1.0,), tol=1e-7).fit(X, y, X, y), X, y)
+    path = LogisticBaseline(Cs=(0.01, 1.0), **PLAIN).fit(X, y, X, y)
+    cold = LogisticBaseline(Cs=(1.0,), **PLAIN).fit(X, y, X, y)
+    optimum = _objective(LogisticBaseline(Cs=(1.0,), tol=1e-7, **PLAIN).fit(X, y, X, y), X, y)
     assert path.C_ == cold.C_ == 1.0 and path.n_iter_[1.0] < cold.n_iter_[1.0]
     assert optimum <= _objective(path, X, y) <= optimum * 1.01 and optimum <= _objective(cold, X, y) <= optimum * 1.01
 

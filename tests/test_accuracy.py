@@ -1,0 +1,127 @@
+"""Stage two's accuracy choices on small generated vectors: power normalisation, balanced class weights, the choice of
+C by cross-validation, and the final fit on train + validation (head and baseline), saved and loaded as trained."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import make_blobs
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
+from sklearn.utils.class_weight import compute_class_weight
+
+from pipeline.baseline import LogisticBaseline
+from pipeline.head import HeadClassifier, balanced_class_weights, normalise
+
+
+@pytest.fixture(scope="module")
+def pooled():
+    """Non-negative vectors of 3 overlapping classes (like pooled ReLU activations): train, validation, test."""
+    X, y = make_blobs(n_samples=600, n_features=24, centers=3, cluster_std=5.0, random_state=1)
+    X = np.abs(X).astype(np.float32)
+    return X[:400], y[:400], X[400:500], y[400:500], X[500:], y[500:]
+
+
+def test_power_normalisation_is_the_signed_square_root_for_arrays_and_tensors():
+    X = np.array([[4.0, -9.0, 0.0, 0.25]], dtype=np.float32)
+    np.testing.assert_array_equal(normalise(X, "power"), [[2.0, -3.0, 0.0, 0.5]])
+    np.testing.assert_array_equal(normalise(torch.from_numpy(X), "power").numpy(), [[2.0, -3.0, 0.0, 0.5]])
+    assert normalise(X, "none") is X
+
+
+def test_balanced_class_weights_are_scikit_learns_and_zero_for_an_absent_class():
+    codes = np.array([0, 0, 0, 1, 2, 2])
+    np.testing.assert_allclose(balanced_class_weights(codes, 3), compute_class_weight("balanced", classes=np.arange(3), y=codes))
+    assert balanced_class_weights(codes, 4)[3] == 0
+
+
+@pytest.mark.parametrize("class_weight", ["none", "balanced"])
+def test_baseline_solves_scikit_learns_problem_on_power_normalised_vectors(pooled, class_weight):
+    X, y, Xv, yv, Xt, _ = pooled
+    X, y = X[(y != 2) | (np.arange(len(y)) % 4 == 0)], y[(y != 2) | (np.arange(len(y)) % 4 == 0)]  # class 2 is rare
+    ours = LogisticBaseline(Cs=(0.1,), cv_folds=0, final_fit="train", normalisation="power",
+                            class_weight=class_weight).fit(X, y, Xv, yv)
+    reference = make_pipeline(FunctionTransformer(lambda a: np.sqrt(a)), StandardScaler(),
+                              LogisticRegression(C=0.1, max_iter=2000, tol=1e-8,
+                                                 class_weight=None if class_weight == "none" else "balanced"))
+    reference.fit(X.astype(np.float64), y)
+    np.testing.assert_allclose(ours.predict_proba(Xt), reference.predict_proba(Xt), atol=2e-3)
+    assert ours.pipeline_.named_steps["normalise"].kw_args == {"kind": "power"}
+
+
+def test_balanced_class_weights_raise_the_recall_of_a_rare_class():
+    X, y = make_blobs(n_samples=[600, 600], n_features=8, centers=[[0] * 8, [1.5] * 8], cluster_std=2.0, random_state=0)
+    X = X.astype(np.float32)
+    rare = (y == 0) | (np.arange(len(y)) % 10 == 0)  # class 1 keeps 1 in 10 in train: 600 against about 60
+    train, test = np.arange(len(y)) < 900, np.arange(len(y)) >= 900
+    X_fit, y_fit = X[train & rare], y[train & rare]
+    recall = {}
+    for weight in ("none", "balanced"):
+        model = LogisticBaseline(Cs=(1.0,), cv_folds=0, final_fit="train", normalisation="none", class_weight=weight)
+        predicted = model.fit(X_fit[:-20], y_fit[:-20], X_fit[-20:], y_fit[-20:]).predict(X[test])
+        recall[weight] = (predicted[y[test] == 1] == 1).mean()
+    assert recall["balanced"] > recall["none"] + 0.2
+
+
+def test_baseline_chooses_c_by_cross_validation_on_a_small_train_split(pooled):
+    X, y, Xv, yv, Xt, yt = pooled
+    model = LogisticBaseline(cv_folds=5).fit(X, y, Xv, yv)
+    assert model.selection_ == "5-fold cross-validation" and set(model.val_scores_) == set(model.Cs)
+    best = max(model.val_scores_.items(), key=lambda kv: (kv[1]["val_accuracy"], -kv[1]["val_log_loss"], -kv[0]))[0]
+    assert model.C_ == best and model.n_fitted_ == len(X) + len(Xv) and model.score(Xt, yt) > 0.8
+    few = np.concatenate([np.flatnonzero(yv != 2), np.flatnonzero(yv == 2)[:1]])  # class 2: 3 images in all
+    X3, y3 = np.concatenate([X[y != 2], X[y == 2][:2]]), np.concatenate([y[y != 2], y[y == 2][:2]])
+    assert LogisticBaseline(cv_folds=5).fit(X3, y3, Xv[few], yv[few]).selection_ == "3-fold cross-validation"
+
+
+def test_baseline_final_fit_on_train_and_validation_is_the_fit_on_both_joined(pooled):
+    X, y, Xv, yv, Xt, _ = pooled
+    settings = {"normalisation": "power", "class_weight": "balanced"}
+    both = LogisticBaseline(Cs=(0.01, 0.1), cv_folds=0, final_fit="train+val", tol=1e-7, **settings).fit(X, y, Xv, yv)
+    reference = LogisticBaseline(Cs=(both.C_,), cv_folds=0, final_fit="train", tol=1e-7, **settings).fit(
+        np.concatenate([X, Xv]), np.concatenate([y, yv]), Xv, yv)
+    assert both.n_fitted_ == reference.n_fitted_ == 500
+    np.testing.assert_allclose(both.predict_proba(Xt), reference.predict_proba(Xt), atol=1e-3)
+    alone = LogisticBaseline(Cs=(both.C_,), cv_folds=0, final_fit="train", **settings).fit(X, y, Xv, yv)
+    assert alone.n_fitted_ == 400 and not np.allclose(alone.predict_proba(Xt), both.predict_proba(Xt), atol=1e-3)
+
+
+def test_baseline_saves_and_loads_its_choices_and_reads_a_file_from_before_them(tmp_path, pooled):
+    X, y, Xv, yv, Xt, _ = pooled
+    model = LogisticBaseline(Cs=(0.1, 1.0), cv_folds=5).fit(X, y, Xv, yv)
+    model.save(tmp_path / "logreg.json")
+    loaded, saved = LogisticBaseline.load(tmp_path / "logreg.json")
+    np.testing.assert_array_equal(loaded.predict_proba(Xt), model.predict_proba(Xt))
+    assert (loaded.normalisation, loaded.class_weight, loaded.final_fit) == ("power", "balanced", "train+val")
+    assert (saved["selection"], saved["n_fitted"]) == ("5-fold cross-validation", 500)
+    plain = LogisticBaseline(Cs=(1.0,), cv_folds=0, final_fit="train", normalisation="none", class_weight="none")
+    plain.fit(X, y, Xv, yv).save(tmp_path / "old.json")
+    old = {k: v for k, v in json.loads((tmp_path / "old.json").read_text()).items()
+           if k not in ("selection", "n_fitted", "normalisation", "class_weight", "final_fit")}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    np.testing.assert_array_equal(LogisticBaseline.load(tmp_path / "old.json")[0].predict_proba(Xt), plain.predict_proba(Xt))
+
+
+def test_head_refits_on_train_and_validation_for_the_chosen_epoch(tmp_path, pooled):
+    X, y, Xv, yv, Xt, yt = pooled
+    refit, again = (HeadClassifier(epochs=12, patience=3, seed=3).fit(X, y, Xv, yv) for _ in range(2))
+    kept = HeadClassifier(epochs=12, patience=3, seed=3, final_fit="train").fit(X, y, Xv, yv)
+    assert refit.best_epoch_ == kept.best_epoch_ and (refit.n_fitted_, kept.n_fitted_) == (500, 400)
+    np.testing.assert_array_equal(refit.predict_proba(Xt), again.predict_proba(Xt))
+    assert not np.allclose(refit.predict_proba(Xt), kept.predict_proba(Xt)) and refit.score(Xt, yt) > 0.8
+    refit.save(tmp_path / "head.pt")
+    loaded, checkpoint = HeadClassifier.load(tmp_path / "head.pt")
+    np.testing.assert_array_equal(loaded.predict_proba(Xt), refit.predict_proba(Xt))
+    assert loaded.normalisation == "power" and checkpoint["n_fitted"] == 500
+
+
+def test_head_normalises_its_inputs_in_fit_and_predict(pooled):
+    X, y, Xv, yv, Xt, _ = pooled
+    settings = {"epochs": 3, "seed": 0, "final_fit": "train", "class_weight": "none"}
+    power = HeadClassifier(normalisation="power", **settings).fit(X, y, Xv, yv)
+    by_hand = HeadClassifier(normalisation="none", **settings).fit(np.sqrt(X), y, np.sqrt(Xv), yv)
+    np.testing.assert_allclose(power.predict_proba(Xt), by_hand.predict_proba(np.sqrt(Xt)), atol=1e-6)
