@@ -15,7 +15,7 @@ ifneq ($(UNKNOWN),)
 $(error unknown variable $(UNKNOWN); settings are $(SETTINGS), plus $(MAKE_VARIABLES) (ARGS="--flag value" is passed as is); see `make help`)
 endif
 
-.PHONY: help install data features train-head report all compare predict test test-fast bench clean
+.PHONY: help install data features train-head report all export compare predict test test-fast bench clean
 
 help: ## list targets and variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ report: ## test accuracy of head and baseline side by side (metrics.json, report
 
 all: $(if $(DATA),,data) features train-head report ## the main job: features, train-head, report (without DATA: make data first)
 
+export: ## write the backbone and trained head as model.pt2, model.onnx (and torchvision_model.pth) beside the head
+	$(PYTHON) -m pipeline export $(EXPORT_FLAGS) $(ARGS)
+
 compare: ## the pipeline for each of BACKBONES="densenet121 resnet50 efficientnet_lite0", one table
 	$(PYTHON) -m pipeline compare $(COMPARE_FLAGS) $(ARGS)
 
@@ -52,7 +55,7 @@ predict: ## classify IMAGES (files or folders) with the trained head; MODEL=logr
 test: ## run the whole test suite (unit, fault-injection and the integration test on ../shared/data/cats-dogs)
 	$(PYTHON) -m pytest
 
-test-fast: ## unit tests only (no fault injection, torchrun or real data)
+test-fast: ## unit tests only (no fault injection, torchrun, export, 100-class reports or real data)
 	$(PYTHON) -m pytest -m "not slow and not integration"
 
 bench: ## measure stage one, time-to-head, CPU runtimes, memory, and cost against N (SCALE_N="10000 100000"); writes CACHE/bench.json and benchmarks/RESULTS.md

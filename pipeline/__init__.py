@@ -21,6 +21,8 @@ _API = {
     "train": "pipeline.train",
     "report": "pipeline.report",
     "predict": "pipeline.predict",
+    "embed": "pipeline.predict",
+    "export": "pipeline.export",
 }
 __all__ = ["__version__", *_API]
 

@@ -16,7 +16,8 @@ from pipeline.errors import UserError
 
 STAGE_ONE = ["data", "cache", "backbone", "weights", "device", "precision", "runtime", "storage", "batch_size", "workers",
              "chunk_size", "force", "verify", "augment", "merge"]
-STAGE_TWO = ["cache", "backbone", "seed", "epochs", "patience", "hidden", "dropout", "lr", "head_batch_size", "val_fraction"]
+STAGE_TWO = ["cache", "backbone", "seed", "epochs", "patience", "hidden", "dropout", "lr", "head_batch_size", "val_fraction",
+             "cv_folds", "final_fit", "normalisation", "class_weight"]
 REPORT = ["cache", "backbone"]
 COMPARE = ["backbones", *[n for n in dict.fromkeys(STAGE_ONE + STAGE_TWO) if n not in ("backbone", "weights")]]
 PREDICT = ["cache", "backbone", "weights", "device", "precision", "runtime", "batch_size", "workers", "model", "top_k", "format"]
@@ -24,7 +25,7 @@ DESCRIPTION = ("Feature-caching transfer learning: run a frozen ImageNet backbon
                "then train cheap heads on the cached vectors (train-head), compare them (report), use them (predict).")
 CHECKS_DATA = "check that the cache was made from this dataset (default: whichever it was made from)"
 DATA_CHECKED = ("train-head", "report")  # commands whose --data only checks the cache's dataset
-NEEDS = {"train-head": "features.h5", "report": "training.json", "predict": "training.json"}  # what each reads from CACHE
+NEEDS = {"train-head": "features.h5", "report": "training.json", "predict": "training.json", "export": "training.json"}  # what each reads from CACHE
 
 
 def _run_data(settings: Settings, data: Path | None) -> None:
@@ -74,6 +75,13 @@ def _run_predict(settings: Settings, data: Path | None, images: list[Path]) -> N
                 print(f"skipped {shown(p.path)}: {p.skipped}", file=sys.stderr)
 
 
+def _run_export(settings: Settings, data: Path | None) -> None:
+    from pipeline.export import export
+
+    for kind, written in export(settings).items():
+        print(f"export: {kind}: {written}")
+
+
 def _run_compare(settings: Settings, data: Path | None) -> None:
     from pipeline.compare import compare
 
@@ -95,6 +103,9 @@ COMMANDS = {
     "report": (_run_report, REPORT, "test accuracy of head and baseline, side by side"),
     "all": (_run_all, list(dict.fromkeys(STAGE_ONE + STAGE_TWO)), "features, train-head and report in one go"),
     "predict": (_run_predict, PREDICT, "classify image files or folders with the trained head (or --model logreg)"),
+    "export": (_run_export, ["cache", "backbone", "weights"],
+               "write the backbone and trained head as one deployable model: model.pt2, model.onnx (and the torchvision "
+               "state dict)"),
     "compare": (_run_compare, COMPARE, "run the pipeline for several backbones and write one table"),
     "backbones": (_list_backbones, [], "list the known backbones"),
 }

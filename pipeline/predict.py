@@ -7,19 +7,19 @@ import errno
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader
 
-from pipeline.backbones import get_backbone, load_backbone, weights_identity
+from pipeline.backbones import Backbone, get_backbone, load_backbone, weights_identity
 from pipeline.config import Settings, check_value
 from pipeline.errors import UserError
 from pipeline.images import ImageFiles, collate_good
-from pipeline.listing import NO_VIEW, BadImage, Skipped, image_stat, walk_folder
 from pipeline.inference import prepare, resolve_device
-from pipeline.listing import shown
+from pipeline.listing import NO_VIEW, BadImage, Skipped, image_stat, shown, walk_folder
 from pipeline.train import load_trained
 
 
@@ -65,6 +65,41 @@ def _load_model(settings: Settings, model: str):
     return classifier, saved
 
 
+def _vectors(settings: Settings, backbone: Backbone, files: list[Path]) -> Iterator[tuple[list[int], np.ndarray | None, dict]]:
+    """Stage one's vectors of ``files``, batch by batch: (indices of the decoded files, their vectors, and every
+    file's (digest, skip reason) by index); no cache."""
+    forward = prepare(backbone, load_backbone(backbone, settings.weights), resolve_device(settings.device),
+                      settings.precision, settings.runtime)
+    dataset = ImageFiles(Path("/"), [(str(p.resolve()), NO_VIEW) for p in files], backbone.transform(), min_side=backbone.resize)
+    loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate_good, num_workers=max(settings.workers, 0))
+    for indices, images, outcomes in loader:
+        yield indices, forward(images).numpy() if images is not None else None, outcomes
+
+
+@dataclass
+class Embedded:
+    """Vectors of image files: row i is the vector of ``paths[i]``; files that could not be used are in ``skipped``."""
+
+    vectors: np.ndarray
+    paths: list[str]
+    skipped: list[Prediction]
+
+
+def embed(settings: Settings, inputs: list[Path | str]) -> Embedded:
+    """The backbone's vectors (as stage one makes them, for ``settings``' backbone, weights, device, precision and
+    runtime) of the images in ``inputs`` (files or folders), without the cache: for a dataset, use
+    ``bring_up_to_date`` and ``open_features``."""
+    backbone = get_backbone(settings.backbone)
+    files, skipped = image_files([Path(i) for i in inputs])
+    rows: dict[int, np.ndarray] = {}
+    for indices, vectors, outcomes in _vectors(settings, backbone, files):
+        rows |= dict(zip(indices, vectors)) if vectors is not None else {}
+        skipped += [Prediction(str(files[i]), skipped=reason) for i, (_, reason) in outcomes.items() if reason]
+    kept = sorted(rows)
+    vectors = np.stack([rows[i] for i in kept]) if kept else np.zeros((0, backbone.feature_dim), dtype=np.float32)
+    return Embedded(vectors, [str(files[i]) for i in kept], skipped)
+
+
 def predict(settings: Settings, inputs: list[Path], model: str = "head", top_k: int = 1) -> list[Prediction]:
     """Predictions for the images in ``inputs``, then the skipped files.
 
@@ -84,19 +119,15 @@ def predict(settings: Settings, inputs: list[Path], model: str = "head", top_k: 
         why = "; ".join(f"{shown(p.path)}: {p.skipped}" for p in results[:3])
         raise UserError(f"no images found in {' '.join(map(str, inputs))}{f' ({why})' if why else ''}; "
                         f"pass image files or folders holding them (IMAGES=...)")
-    forward = prepare(backbone, load_backbone(backbone, settings.weights), resolve_device(settings.device),
-                      settings.precision, settings.runtime)
-    dataset = ImageFiles(Path("/"), [(str(p.resolve()), NO_VIEW) for p in files], backbone.transform(), min_side=backbone.resize)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate_good, num_workers=max(settings.workers, 0))
     classes = saved["classes"]
     by_index: dict[int, Prediction] = {}
-    for indices, images, outcomes in loader:
+    for indices, vectors, outcomes in _vectors(settings, backbone, files):
         for i, (_, reason) in outcomes.items():
             if reason:
                 by_index[i] = Prediction(str(files[i]), skipped=reason)
-        if images is None:
+        if vectors is None:
             continue
-        proba = classifier.predict_proba(forward(images).numpy())
+        proba = classifier.predict_proba(vectors)
         for i, row in zip(indices, proba):
             order = np.argsort(-row)[:top_k]
             by_index[i] = Prediction(str(files[i]), [(classes[c], float(row[c])) for c in order])

@@ -25,6 +25,8 @@ from pipeline.listing import scan_dataset, shown
 from pipeline.predict import Prediction, render
 from pipeline.store import FeatureStore, features_file
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
+
 LITE = ("--backbone", "efficientnet_lite0")
 
 
@@ -121,7 +123,6 @@ def test_a_run_with_other_settings_does_not_delete_an_interrupted_runs_chunks(cl
 
 # -- SIGKILL at every named point, then resume: the file an uninterrupted run makes -------------------------------
 
-@pytest.mark.slow
 @pytest.mark.parametrize("point", ["chunk-before-rename:2", "chunk-after-rename:2", "assembly", "store-before-rename",
                                    "store-after-rename", "partial-removal:2"])
 def test_killed_at_any_point_a_rerun_gives_the_uninterrupted_file(clean, tmp_path, point):
@@ -246,7 +247,6 @@ def test_random_byte_flips_are_refused_or_harmless_never_silent(clean, tmp_path)
     assert outcomes["refused"] > 0 and sum(outcomes.values()) == 300
 
 
-@pytest.mark.slow
 def test_after_random_flips_features_rebuilds_and_stage_two_refuses_in_one_line(clean, tmp_path):
     data, clean_cache = clean
     rng = np.random.default_rng(1)
@@ -410,7 +410,6 @@ def test_an_edited_model_file_is_refused_not_read_as_other_numbers(trained, tmp_
             build_metrics(settings(None, cache))
 
 
-@pytest.mark.slow
 def test_a_killed_train_head_never_leaves_a_mix_of_two_runs(trained, tmp_path):
     from pipeline.report import build_metrics
 

@@ -36,3 +36,9 @@ def test_several_candidates_are_named_in_the_error(tmp_path):
     with pytest.raises(UserError, match="efficientnet_lite0, resnet50"):
         remembered_backbone(cache, "training.json")
     assert main(["report", "--cache", str(cache)]) == 2  # one line, exit code 2, before the report's imports
+
+
+def test_export_without_a_trained_head_is_one_line_and_writes_nothing(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["export", "--cache", str(cache), "--backbone", "efficientnet_lite0"]) == 2
+    assert "no trained head" in capsys.readouterr().err and not cache.exists()

@@ -25,6 +25,8 @@ from pipeline.store import ImageKey, SplitIndex, StoreWriter, features_file
 from pipeline.train import train
 from test_report_and_predict import headless_chromium
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
+
 BACKBONE = "efficientnet_lite0"
 DIM = 64
 SUMMARY_LINES_MAX = 15
