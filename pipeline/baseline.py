@@ -45,9 +45,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.utils.validation import check_X_y
 
-from pipeline.config import DEFAULTS
 from pipeline.files import atomic_write_text
-from pipeline.head import PRE_ACCURACY_PARAMS, balanced_class_weights, normalise, training_device
+from pipeline.head import PRE_ACCURACY_PARAMS, ValidatedClassifier, balanced_class_weights, normalise, training_device
 
 C_GRID = tuple(float(10.0 ** (e / 2)) for e in range(-4, 7))  # 10^-2 .. 10^3, two per decade
 CV_MAX_VECTORS = 20_000  # up to this many train + validation vectors C is chosen by cross-validation
@@ -219,15 +218,16 @@ def _rank(scores: tuple[float, float]) -> tuple[float, float]:
     return scores[0], -scores[1]
 
 
-class LogisticBaseline:
+class LogisticBaseline(ValidatedClassifier):
     """See the module's docstring. ``cv_folds`` below 2 (or a train split above ``CV_MAX_VECTORS``): C is chosen on
     the validation split; ``final_fit`` "train": the model is the one fitted on X alone."""
 
     def __init__(self, Cs: tuple[float, ...] = C_GRID, seed: int = 0, tol: float = TOL, device: str = "auto",
-                 cv_folds: int = DEFAULTS.cv_folds, final_fit: str = DEFAULTS.final_fit,
-                 normalisation: str = DEFAULTS.normalisation, class_weight: str = DEFAULTS.class_weight):
+                 cv_folds: int = 0, final_fit: str = "train+val", normalisation: str = "power",
+                 class_weight: str = "balanced", validation_fraction: float = 0.1):
         self.Cs, self.seed, self.tol, self.device = Cs, seed, tol, device
         self.cv_folds, self.final_fit, self.normalisation, self.class_weight = cv_folds, final_fit, normalisation, class_weight
+        self.validation_fraction = validation_fraction
 
     def _objective(self, parts: Sequence[np.ndarray], codes: np.ndarray, n_fitted: int, device: torch.device,
                    normalisation: str) -> _Objective:
@@ -262,7 +262,7 @@ class LogisticBaseline:
         return (float(accuracy_score(y_val, fitted_classes[proba.argmax(1)])),
                 float(log_loss(y_val, proba, labels=fitted_classes)))
 
-    def fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> LogisticBaseline:
+    def _fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> LogisticBaseline:
         """Choose C (cross-validation or the validation split, see the module), keeping the best mean validation
         accuracy (ties: lower log loss, then smaller C), then fit at it on train+validation (``final_fit``) or train.
         float32 input is used as is (no copy) but for the folds of a cross-validation."""
@@ -346,12 +346,6 @@ class LogisticBaseline:
         proba = np.zeros((len(X), len(self.classes_)))
         proba[:, self.pipeline_.classes_] = self.pipeline_.predict_proba(np.asarray(X, dtype=np.float64))
         return proba
-
-    def predict(self, X) -> np.ndarray:
-        return self.predict_proba(X).argmax(1)
-
-    def score(self, X, y) -> float:
-        return float(accuracy_score(y, self.predict(X)))
 
     def save(self, path: Path, **metadata) -> None:
         """The coefficients and ``metadata`` as JSON, written atomically."""

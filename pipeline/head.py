@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import train_test_split
 from sklearn.utils.validation import check_array, check_X_y
 from torch import nn
 
@@ -87,7 +88,28 @@ def _rows(parts: list[torch.Tensor], labels: list[torch.Tensor], index: torch.Te
     return torch.cat([parts[0][index[first]], parts[1][later]]), torch.cat([labels[0][index[first]], labels[1][later]])
 
 
-class HeadClassifier:
+class ValidatedClassifier(ClassifierMixin, BaseEstimator):
+    """scikit-learn's estimator conventions for a classifier that chooses on validation data: ``fit(X, y)`` holds out
+    a stratified ``validation_fraction`` of X (seeded by ``seed``, as ``MLPClassifier(early_stopping=True)`` does)
+    and takes labels of any kind; ``fit(X, y, X_val, y_val, n_classes)`` uses the given validation vectors and labels
+    0..n_classes-1 (``train-head``'s way: no copy of its train matrix). Subclasses implement ``_fit`` for the latter."""
+
+    def fit(self, X, y, X_val=None, y_val=None, n_classes: int | None = None):
+        if X_val is not None:
+            return self._fit(X, y, X_val, y_val, n_classes)
+        X = check_array(X, dtype=np.float32)
+        labels, codes = np.unique(np.asarray(y), return_inverse=True)
+        rows, val_rows = train_test_split(np.arange(len(X)), test_size=self.validation_fraction, stratify=codes,
+                                          random_state=self.seed)
+        self._fit(X[rows], codes[rows], X[val_rows], codes[val_rows], len(labels))
+        self.classes_ = labels
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+
+class HeadClassifier(ValidatedClassifier):
     """NLLLoss + Adam; the epoch is the one with the lowest validation loss (early stopping after ``patience``).
 
     ``final_fit`` "train+val": once the epoch is chosen, a new head (same seed) is trained for exactly that many epochs
@@ -98,20 +120,16 @@ class HeadClassifier:
     always ends on the CPU.
     """
 
-    def __init__(self, hidden: int = DEFAULTS.hidden, dropout: float = DEFAULTS.dropout, lr: float = DEFAULTS.lr,
-                 epochs: int = DEFAULTS.epochs, batch_size: int = DEFAULTS.head_batch_size,
-                 patience: int = DEFAULTS.patience, seed: int = DEFAULTS.seed, verbose: bool = False,
-                 device: str = "auto", normalisation: str = DEFAULTS.normalisation,
-                 class_weight: str = DEFAULTS.class_weight, final_fit: str = DEFAULTS.final_fit):
+    def __init__(self, hidden: int = 256, dropout: float = 0.2, lr: float = 0.003, epochs: int = 20, batch_size: int = 0,
+                 patience: int = 5, seed: int = 0, verbose: bool = False, device: str = "auto",
+                 normalisation: str = "power", class_weight: str = "balanced", final_fit: str = "train+val",
+                 validation_fraction: float = 0.1):
         self.hidden, self.dropout, self.lr, self.epochs = hidden, dropout, lr, epochs
         self.batch_size, self.patience, self.seed, self.verbose, self.device = batch_size, patience, seed, verbose, device
         self.normalisation, self.class_weight, self.final_fit = normalisation, class_weight, final_fit
+        self.validation_fraction = validation_fraction
 
-    def get_params(self) -> dict:
-        return {k: getattr(self, k) for k in ("hidden", "dropout", "lr", "epochs", "batch_size", "patience", "seed",
-                                              "normalisation", "class_weight", "final_fit")}
-
-    def fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> HeadClassifier:
+    def _fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> HeadClassifier:
         """Choose the epoch on (X_val, y_val), then keep that head or refit on both (``final_fit``); float32 input is
         used as is (no copy of X, also when refitting)."""
         X, y = check_X_y(X, y, dtype=np.float32)
@@ -190,12 +208,6 @@ class HeadClassifier:
         X = check_array(X, dtype=np.float32)
         with torch.no_grad():
             return self.model_(normalise(torch.from_numpy(X), self.normalisation)).exp().numpy()
-
-    def predict(self, X) -> np.ndarray:
-        return self.predict_proba(X).argmax(1)
-
-    def score(self, X, y) -> float:
-        return float(accuracy_score(y, self.predict(X)))
 
     def save(self, path: Path, **metadata) -> None:
         """A plain checkpoint (tensors and primitives only; loads with ``weights_only=True``), written atomically.
