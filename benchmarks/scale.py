@@ -205,13 +205,13 @@ def table_row(r: dict) -> str:
 
 
 def render(rows: list[dict], slopes: dict[str, float]) -> str:
-    lines = [HEADER, *map(table_row, rows), "setup per N (not measured costs): " + "; ".join(
+    lines = [HEADER, *map(table_row, rows), "", "setup per N (not measured costs): " + "; ".join(
         f"{r['n']:,}: files {r['files_s']:.0f} s, store {r['build_s']:.0f} s ({r['store_mb']:.0f} MB), whole row "
         f"{r['row_s']:.0f} s, load average {r['load_average']:.1f}" for r in rows)]
     if slopes:
         names = {**COSTS, **{k: f"peak RSS {v}" for k, v in MEMORY.items()}, "add_written_mb": "add 10: bytes written"}
-        lines.append("growth with N (slope of log cost vs log N; 0 flat, 1 linear): "
-                     + ", ".join(f"{names[k]} {v:.2f}" for k, v in slopes.items()))
+        lines += ["", "growth with N (slope of log cost vs log N; 0 flat, 1 linear): "
+                     + ", ".join(f"{names[k]} {v:.2f}" for k, v in slopes.items())]
     return "\n".join(lines)
 
 
