@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.config import Settings
 from pipeline.files import atomic_write_text
-from pipeline.listing import SPLITS, DatasetListing, Skipped, scan_dataset, shown
+from pipeline.listing import DatasetListing, Skipped, digest, scan_dataset, shown
 
 RECORD_NAME = "features.fresh.json"
 RECORDED_SETTINGS = ("backbone", "device", "precision", "runtime", "storage", "augment")  # the rest cannot change a vector
@@ -141,11 +141,6 @@ class FreshRecord:
                    Duplicates(duplicates["test_in_train"], duplicates["across_classes"], tuple(duplicates["examples"])))
 
 
-def _digest(parts) -> str:
-    """blake2b over NUL-separated fields (no path holds a NUL); odd bytes in names hash as the bytes they are."""
-    return hashlib.blake2b("\0".join(map(str, parts)).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-
-
 def _stamp(path: Path) -> tuple[int, int, int]:
     st = path.stat()
     return st.st_size, st.st_mtime_ns, st.st_ino
@@ -163,18 +158,8 @@ def _inputs(settings: Settings) -> list:
     ]
 
 
-def _listing(listing: DatasetListing) -> list:
-    fields = [listing.root.resolve(), len(listing.classes), *listing.classes]
-    for split in SPLITS:
-        part = listing.splits[split]
-        fields += [split, len(part.entries), len(part.skipped)]
-        fields += [value for e in part.entries for value in (e.path, e.label, e.size, e.mtime_ns)]
-        fields += [value for s in part.skipped for value in (s.path, s.reason)]
-    return fields
-
-
 def run_key(settings: Settings, listing: DatasetListing) -> RunKey:
-    return RunKey(_digest(_inputs(settings)), _digest(_listing(listing)))
+    return RunKey(digest(_inputs(settings)), listing.digest)
 
 
 def record_file(settings: Settings) -> Path:

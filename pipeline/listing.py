@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from functools import cached_property
 from pathlib import Path
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -51,11 +53,28 @@ class SplitListing:
     skipped: list[Skipped]
 
 
+def digest(parts: Iterable) -> str:
+    """blake2b over NUL-separated fields (no path holds a NUL); odd bytes in names hash as the bytes they are."""
+    return hashlib.blake2b("\0".join(map(str, parts)).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
 @dataclass
 class DatasetListing:
     root: Path
     classes: list[str]
     splits: dict[str, SplitListing]
+
+    @cached_property
+    def digest(self) -> str:
+        """A digest of what was listed in train and test: root, classes, each file's path, class, size and mtime, each
+        skipped file and its reason (made once per listing: the no-op check and the writer's record share it)."""
+        fields = [self.root.resolve(), len(self.classes), *self.classes]
+        for split in SPLITS:
+            part = self.splits[split]
+            fields += [split, len(part.entries), len(part.skipped)]
+            fields += [value for e in part.entries for value in (e.path, e.label, e.size, e.mtime_ns)]
+            fields += [value for s in part.skipped for value in (s.path, s.reason)]
+        return digest(fields)
 
 
 class BadImage(Exception):
