@@ -1,9 +1,11 @@
 """The baseline: L2-regularised multinomial logistic regression on standardised (by default power-normalised) vectors.
 
-C is chosen from ``C_GRID`` (10^-2 to 10^3, two per decade) on the validation split, or, with ``cv_folds`` k >= 2, by
+C is chosen from ``C_GRID`` (10^-2 to 10^3, two per decade; one per decade above ``SMALL_FIT`` train vectors, where
+the validation score is flat between neighbours) on the validation split, or, with ``cv_folds`` k >= 2, by
 stratified k-fold cross-validation over train and validation together when they hold at most ``CV_MAX_VECTORS``
 vectors (with 30 images per class a 10% validation split is 3 images per class); then the model is refitted at
-that C on train and validation together (``final_fit``), as scikit-learn's ``LogisticRegressionCV(refit=True)``.
+that C on train and validation together (``final_fit``, see ``head.refits``), as scikit-learn's
+``LogisticRegressionCV(refit=True)``.
 ``class_weight`` "balanced" weighs each vector's log loss as scikit-learn's ``class_weight="balanced"``.
 
 It is scikit-learn's ``make_pipeline(StandardScaler(), LogisticRegression(C=C))`` (lbfgs), preceded by the
@@ -46,7 +48,8 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.utils.validation import check_X_y
 
 from pipeline.files import atomic_write_text
-from pipeline.head import PRE_ACCURACY_PARAMS, ValidatedClassifier, balanced_class_weights, normalise, training_device
+from pipeline.head import (PRE_ACCURACY_PARAMS, SMALL_FIT, ValidatedClassifier, balanced_class_weights, normalise,
+                           refits, training_device)
 
 C_GRID = tuple(float(10.0 ** (e / 2)) for e in range(-4, 7))  # 10^-2 .. 10^3, two per decade
 CV_MAX_VECTORS = 20_000  # up to this many train + validation vectors C is chosen by cross-validation
@@ -220,10 +223,11 @@ def _rank(scores: tuple[float, float]) -> tuple[float, float]:
 
 class LogisticBaseline(ValidatedClassifier):
     """See the module's docstring. ``cv_folds`` below 2 (or a train split above ``CV_MAX_VECTORS``): C is chosen on
-    the validation split; ``final_fit`` "train": the model is the one fitted on X alone."""
+    the validation split; without a refit (``final_fit``) the model is the one fitted on X alone. ``Cs`` None: the
+    grid by the train size (see the module); ``Cs_`` holds the grid used."""
 
-    def __init__(self, Cs: tuple[float, ...] = C_GRID, seed: int = 0, tol: float = TOL, device: str = "auto",
-                 cv_folds: int = 0, final_fit: str = "train+val", normalisation: str = "power",
+    def __init__(self, Cs: tuple[float, ...] | None = None, seed: int = 0, tol: float = TOL, device: str = "auto",
+                 cv_folds: int = 0, final_fit: str = "auto", normalisation: str = "power",
                  class_weight: str = "balanced", validation_fraction: float = 0.1):
         self.Cs, self.seed, self.tol, self.device = Cs, seed, tol, device
         self.cv_folds, self.final_fit, self.normalisation, self.class_weight = cv_folds, final_fit, normalisation, class_weight
@@ -262,10 +266,11 @@ class LogisticBaseline(ValidatedClassifier):
         return (float(accuracy_score(y_val, fitted_classes[proba.argmax(1)])),
                 float(log_loss(y_val, proba, labels=fitted_classes)))
 
-    def _fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> LogisticBaseline:
+    def _fit(self, X, y, X_val, y_val, n_classes: int | None = None, normalised: bool = False) -> LogisticBaseline:
         """Choose C (cross-validation or the validation split, see the module), keeping the best mean validation
-        accuracy (ties: lower log loss, then smaller C), then fit at it on train+validation (``final_fit``) or train.
-        float32 input is used as is (no copy) but for the folds of a cross-validation."""
+        accuracy (ties: lower log loss, then smaller C), then fit at it on train+validation or train (``final_fit``,
+        see ``refits``). float32 input is used as is (no copy) but for the folds of a cross-validation; unless
+        ``normalised``, it is normalised block by block in every evaluation."""
         X, y = check_X_y(X, y, dtype=np.float32)
         X_val, y_val = check_X_y(X_val, y_val, dtype=np.float32)
         labels = np.arange(n_classes or max(y.max(), y_val.max()) + 1)
@@ -275,22 +280,25 @@ class LogisticBaseline(ValidatedClassifier):
         self.n_iter_: dict[float, int] = {}
         counts = np.bincount(y, minlength=len(labels)) + np.bincount(y_val, minlength=len(labels))
         folds = min(self.cv_folds, counts[counts > 0].min())
+        refit = refits(self.final_fit, len(X))
+        self.Cs_ = tuple(self.Cs) if self.Cs is not None else C_GRID if len(X) <= SMALL_FIT else C_GRID[::2]
+        vectors_are = "none" if normalised else self.normalisation
         warm = None  # the model fitted on X alone at C_, when C is chosen on the validation split
         if folds >= 2 and counts.sum() <= CV_MAX_VECTORS:
             # small: train and validation are joined and normalised once, and every fit reads that copy as is
             self.selection_ = f"{folds}-fold cross-validation"
-            joined = normalise(np.concatenate([X, X_val]), self.normalisation)
-            parts, vectors_are = [joined] if self.final_fit == "train+val" else [joined[:len(X)]], "none"
+            joined = normalise(np.concatenate([X, X_val]), vectors_are)
+            parts, vectors_are = [joined] if refit else [joined[:len(X)]], "none"
             totals = self._cross_validate(joined, np.concatenate([y, y_val]), folds, device)
             self.C_ = max(sorted(totals), key=lambda C: (*_rank(totals[C]), -C))
-        else:  # large: the vectors are used as given, normalised block by block in every evaluation
+        else:  # large: the vectors are used as given
             self.selection_ = "validation split"
-            parts, vectors_are = [X, X_val] if self.final_fit == "train+val" else [X], self.normalisation
-            totals, warm = self._validate(X, y, X_val, y_val, device)
+            parts = [X, X_val] if refit else [X]
+            totals, warm = self._validate(X, y, X_val, y_val, device, vectors_are)
         self.val_scores_ = {C: {"val_accuracy": a, "val_log_loss": l} for C, (a, l) in totals.items()}
-        fit_y = np.concatenate([y, y_val]) if self.final_fit == "train+val" else y
+        fit_y = np.concatenate([y, y_val]) if refit else y
         self.n_fitted_ = len(fit_y)
-        if self.final_fit == "train" and warm is not None:
+        if not refit and warm is not None:
             fitted = warm
         else:
             fitted_classes, codes = np.unique(fit_y, return_inverse=True)
@@ -298,21 +306,22 @@ class LogisticBaseline(ValidatedClassifier):
             if warm is not None and np.array_equal(warm.classes, fitted_classes):
                 w = self._refit(objective, warm)
             else:
-                *_, (_, w) = self._path(objective, [C for C in self.Cs if C <= self.C_])
+                *_, (_, w) = self._path(objective, [C for C in self.Cs_ if C <= self.C_])
             fitted = _Fitted(objective.mean, objective.scale, fitted_classes, *objective.split(w))
         self.pipeline_ = as_pipeline(fitted.mean, fitted.scale, fitted.W.T, fitted.b, fitted.classes, self.C_,
                                      self.normalisation)
         self.classes_ = labels
         return self
 
-    def _validate(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
-                  device: torch.device) -> tuple[dict[float, tuple], _Fitted]:
-        """Validation (accuracy, log loss) per C of the path fitted on X; sets C_ and returns the model fitted at it."""
+    def _validate(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, device: torch.device,
+                  normalisation: str) -> tuple[dict[float, tuple], _Fitted]:
+        """Validation (accuracy, log loss) per C of the path fitted on X (both turned into the vectors to fit by
+        ``normalisation``); sets C_ and returns the model fitted at it."""
         totals, best = {}, None
         fitted_classes, codes = np.unique(y, return_inverse=True)
-        objective = self._objective([X], codes, len(fitted_classes), device, self.normalisation)
+        objective = self._objective([X], codes, len(fitted_classes), device, normalisation)
         X_val_t = torch.from_numpy(X_val).to(device)
-        for C, w in self._path(objective, self.Cs):
+        for C, w in self._path(objective, self.Cs_):
             totals[C] = self._scores(objective, X_val_t, y_val, fitted_classes, w)
             if best is None or _rank(totals[C]) > best:
                 best, self.C_, chosen = _rank(totals[C]), C, w
@@ -332,12 +341,12 @@ class LogisticBaseline(ValidatedClassifier):
     def _cross_validate(self, X: np.ndarray, y: np.ndarray, folds: int, device: torch.device) -> dict[float, tuple]:
         """Mean validation (accuracy, log loss) per C over stratified ``folds`` (shuffled, seeded) of the already
         normalised X."""
-        totals = {C: np.zeros(2) for C in self.Cs}
+        totals = {C: np.zeros(2) for C in self.Cs_}
         for fit_rows, val_rows in StratifiedKFold(folds, shuffle=True, random_state=self.seed).split(X, y):
             fitted_classes, codes = np.unique(y[fit_rows], return_inverse=True)
             objective = self._objective([X[fit_rows]], codes, len(fitted_classes), device, "none")
             X_val_t = torch.from_numpy(X[val_rows]).to(device)
-            for C, w in self._path(objective, self.Cs):
+            for C, w in self._path(objective, self.Cs_):
                 totals[C] += self._scores(objective, X_val_t, y[val_rows], fitted_classes, w)
         return {C: tuple(total / folds) for C, total in totals.items()}
 

@@ -21,7 +21,7 @@ MODELS = ("head", "logreg")
 FORMATS = ("text", "csv", "json")
 NORMALISATIONS = ("power", "none")
 CLASS_WEIGHTS = ("balanced", "none")
-FINAL_FITS = ("train+val", "train")
+FINAL_FITS = ("auto", "train+val", "train")
 SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's random_state range
 
 
@@ -95,8 +95,9 @@ class Settings:
                                 "cross-validation when train holds at most 20,000 vectors (fewer folds when a class has "
                                 "fewer images; 3-7x the baseline's time)",
                              low=0, high=100)
-    final_fit: str = _setting("train+val", "what head and baseline are fitted on once the epoch and C are chosen: "
-                                           "train+val (all of train) or train (without the validation split)",
+    final_fit: str = _setting("auto", "what head and baseline are fitted on once the epoch and C are chosen: "
+                                      "train+val (all of train), train (without the validation split) or auto "
+                                      "(train+val up to 20,000 train vectors, train above)",
                               choices=FINAL_FITS)
     normalisation: str = _setting("power", "element-wise normalisation of the vectors before head and baseline: power "
                                            "(signed square root) or none", choices=NORMALISATIONS)

@@ -22,6 +22,16 @@ from pipeline.files import atomic_write
 # what a checkpoint saved before these settings existed was trained with
 PRE_ACCURACY_PARAMS = {"normalisation": "none", "class_weight": "none", "final_fit": "train"}
 SMALL_TRAIN = 8192  # up to this many training vectors, batch_size 0 means 64 (the seed notebook's batch)
+# up to this many train vectors a fit is small: final_fit "auto" refits on train + validation, and the baseline's
+# default C grid has two values per decade (one above)
+SMALL_FIT = 20_000
+
+
+def refits(final_fit: str, n_train: int) -> bool:
+    """Whether ``final_fit`` means a refit on train + validation for ``n_train`` training vectors: always for
+    "train+val", never for "train"; "auto" up to ``SMALL_FIT``, where the 10% held out is a few images per
+    class (above, 10% more vectors changes little and the refit would double the fit's time)."""
+    return final_fit == "train+val" or (final_fit == "auto" and n_train <= SMALL_FIT)
 
 
 def auto_batch_size(n_train: int) -> int:
@@ -42,6 +52,14 @@ def normalise(X: np.ndarray | torch.Tensor, kind: str) -> np.ndarray | torch.Ten
     if isinstance(X, torch.Tensor):
         return X.abs().sqrt_().copysign_(X)
     return np.copysign(np.sqrt(np.abs(X)), X)
+
+
+def normalise_in_place(X: np.ndarray, kind: str, block: int = 8192) -> np.ndarray:
+    """X normalised by ``kind`` in place, ``block`` rows at a time (no temporary larger than a block); returns X."""
+    if kind != "none":
+        for start in range(0, len(X), block):
+            X[start:start + block] = normalise(X[start:start + block], kind)
+    return X
 
 
 def balanced_class_weights(codes: np.ndarray, n_classes: int) -> np.ndarray:
@@ -92,11 +110,13 @@ class ValidatedClassifier(ClassifierMixin, BaseEstimator):
     """scikit-learn's estimator conventions for a classifier that chooses on validation data: ``fit(X, y)`` holds out
     a stratified ``validation_fraction`` of X (seeded by ``seed``, as ``MLPClassifier(early_stopping=True)`` does)
     and takes labels of any kind; ``fit(X, y, X_val, y_val, n_classes)`` uses the given validation vectors and labels
-    0..n_classes-1 (``train-head``'s way: no copy of its train matrix). Subclasses implement ``_fit`` for the latter."""
+    0..n_classes-1 (``train-head``'s way: no copy of its train matrix), and with ``normalised`` True takes X and X_val
+    as already normalised by ``normalisation`` (``train-head`` normalises its own array once, in place). Subclasses
+    implement ``_fit`` for the latter."""
 
-    def fit(self, X, y, X_val=None, y_val=None, n_classes: int | None = None):
+    def fit(self, X, y, X_val=None, y_val=None, n_classes: int | None = None, normalised: bool = False):
         if X_val is not None:
-            return self._fit(X, y, X_val, y_val, n_classes)
+            return self._fit(X, y, X_val, y_val, n_classes, normalised)
         X = check_array(X, dtype=np.float32)
         labels, codes = np.unique(np.asarray(y), return_inverse=True)
         rows, val_rows = train_test_split(np.arange(len(X)), test_size=self.validation_fraction, stratify=codes,
@@ -113,7 +133,7 @@ class HeadClassifier(ValidatedClassifier):
     """NLLLoss + Adam; the epoch is the one with the lowest validation loss (early stopping after ``patience``).
 
     ``final_fit`` "train+val": once the epoch is chosen, a new head (same seed) is trained for exactly that many epochs
-    on train and validation together, and kept; "train": the chosen epoch's head itself. ``normalisation`` is applied
+    on train and validation together, and kept; "train": the chosen epoch's head itself; "auto": see ``refits``. ``normalisation`` is applied
     to every input, in fit and predict (see ``normalise``); ``class_weight`` "balanced" weighs NLLLoss by class (see
     ``balanced_class_weights``). ``batch_size`` 0 picks it from the number of training vectors (``auto_batch_size``).
     ``device`` "auto" trains on CUDA when ``torch.cuda.is_available()`` and on the CPU otherwise; the fitted model
@@ -122,16 +142,16 @@ class HeadClassifier(ValidatedClassifier):
 
     def __init__(self, hidden: int = 256, dropout: float = 0.2, lr: float = 0.003, epochs: int = 20, batch_size: int = 0,
                  patience: int = 5, seed: int = 0, verbose: bool = False, device: str = "auto",
-                 normalisation: str = "power", class_weight: str = "balanced", final_fit: str = "train+val",
+                 normalisation: str = "power", class_weight: str = "balanced", final_fit: str = "auto",
                  validation_fraction: float = 0.1):
         self.hidden, self.dropout, self.lr, self.epochs = hidden, dropout, lr, epochs
         self.batch_size, self.patience, self.seed, self.verbose, self.device = batch_size, patience, seed, verbose, device
         self.normalisation, self.class_weight, self.final_fit = normalisation, class_weight, final_fit
         self.validation_fraction = validation_fraction
 
-    def _fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> HeadClassifier:
+    def _fit(self, X, y, X_val, y_val, n_classes: int | None = None, normalised: bool = False) -> HeadClassifier:
         """Choose the epoch on (X_val, y_val), then keep that head or refit on both (``final_fit``); float32 input is
-        used as is (no copy of X, also when refitting)."""
+        used as is (no copy of X, also when refitting); unless ``normalised``, each batch is normalised as it is drawn."""
         X, y = check_X_y(X, y, dtype=np.float32)
         X_val, y_val = check_X_y(X_val, y_val, dtype=np.float32)
         self.n_classes_ = int(n_classes or max(y.max(), y_val.max()) + 1)
@@ -140,10 +160,11 @@ class HeadClassifier(ValidatedClassifier):
         device = training_device(self.device)
         X_t, y_t = torch.from_numpy(X).to(device), torch.from_numpy(y.astype(np.int64)).to(device)
         Xv_t, yv_t = torch.from_numpy(X_val).to(device), torch.from_numpy(y_val.astype(np.int64)).to(device)
-        Xv_t = normalise(Xv_t, self.normalisation)
+        drawn = "none" if normalised else self.normalisation  # the normalisation of each batch as it is drawn
+        Xv_t = normalise(Xv_t, drawn)
         self.history_: list[EpochLog] = []
         best_loss, best_state, waited = math.inf, None, 0
-        model, steps = self._trainer([X_t], [y_t], device)
+        model, steps = self._trainer([X_t], [y_t], device, drawn)
         val_loss_fn = self._loss(y_t, device)
         for epoch in range(1, self.epochs + 1):
             train_loss = steps()
@@ -164,9 +185,9 @@ class HeadClassifier(ValidatedClassifier):
                     break
         model.load_state_dict(best_state)
         self.n_fitted_ = len(X)
-        if self.final_fit == "train+val" and len(X_val):
+        if refits(self.final_fit, len(X)) and len(X_val):
             model, steps = self._trainer([X_t, torch.from_numpy(X_val).to(device)], [y_t, torch.from_numpy(
-                y_val.astype(np.int64)).to(device)], device)
+                y_val.astype(np.int64)).to(device)], device, drawn)
             for _ in range(self.best_epoch_):
                 steps()
             self.n_fitted_ = len(X) + len(X_val)
@@ -180,9 +201,10 @@ class HeadClassifier(ValidatedClassifier):
         weights = balanced_class_weights(y.cpu().numpy(), self.n_classes_)
         return nn.NLLLoss(weight=torch.from_numpy(weights.astype(np.float32)).to(device))
 
-    def _trainer(self, parts: list[torch.Tensor], labels: list[torch.Tensor], device: torch.device):
-        """A new head (seeded) and a function running one epoch over the rows of ``parts`` that returns its mean
-        training loss; the shuffling generator is seeded too, so the same seed gives the same epochs."""
+    def _trainer(self, parts: list[torch.Tensor], labels: list[torch.Tensor], device: torch.device, normalisation: str):
+        """A new head (seeded) and a function running one epoch over the rows of ``parts`` (each batch normalised by
+        ``normalisation``) that returns its mean training loss; the shuffling generator is seeded too, so the same seed
+        gives the same epochs."""
         torch.manual_seed(self.seed)
         order = torch.Generator().manual_seed(self.seed)
         model = MLPHead(parts[0].shape[1], self.n_classes_, self.hidden, self.dropout).to(device)
@@ -196,7 +218,7 @@ class HeadClassifier(ValidatedClassifier):
             for batch in torch.randperm(n, generator=order).to(device).split(self.batch_size_):
                 rows, targets = _rows(parts, labels, batch)
                 optimizer.zero_grad()
-                loss = loss_fn(model(normalise(rows, self.normalisation)), targets)
+                loss = loss_fn(model(normalise(rows, normalisation)), targets)
                 loss.backward()
                 optimizer.step()
                 total += loss.detach().double() * len(batch)

@@ -16,7 +16,7 @@ from pipeline.baseline import LogisticBaseline
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_error, file_sha256
-from pipeline.head import HeadClassifier
+from pipeline.head import HeadClassifier, normalise_in_place
 from pipeline.listing import AUGMENTED
 from pipeline.store import FeatureStore, features_file
 
@@ -88,15 +88,16 @@ def open_features(settings: Settings, data: Path | None = None) -> FeatureStore:
 
 def _train_on_views(settings: Settings, X, y, paths, train_rows, val_rows, views, n_classes: int, path: Path,
                     source: dict) -> dict:
-    """A second head on the training images plus their cached augmented views (never those of validation images)."""
+    """A second head on the training images plus their cached augmented views (never those of validation images);
+    X is already normalised, the views are not."""
     X_views, y_views, view_paths = views
     training_images = {paths[i] for i in train_rows}
     keep = np.array([p in training_images for p in view_paths], dtype=bool)
     start = time.perf_counter()
     print(f"train-head: head on {len(train_rows)} images + {keep.sum()} augmented views")
     head = _new_head(settings)
-    head.fit(np.concatenate([X[train_rows], X_views[keep]]), np.concatenate([y[train_rows], y_views[keep]]),
-             X[val_rows], y[val_rows], n_classes=n_classes)
+    head.fit(np.concatenate([X[train_rows], normalise_in_place(X_views[keep], settings.normalisation)]),
+             np.concatenate([y[train_rows], y_views[keep]]), X[val_rows], y[val_rows], n_classes=n_classes, normalised=True)
     head.save(path, **source)
     return {"n_views": int(keep.sum()), "views_per_image": len(view_paths) // max(1, len(paths)),
             "seconds": time.perf_counter() - start}
@@ -113,7 +114,7 @@ def choices_record(settings: Settings, head: HeadClassifier, baseline: LogisticB
         "head_epoch_chosen_by": "validation split",
         "head_fitted_on": head.n_fitted_,
         "logreg_C": baseline.C_,
-        "logreg_C_grid": list(baseline.Cs),
+        "logreg_C_grid": list(baseline.Cs_),
         "logreg_C_chosen_by": baseline.selection_,
         "logreg_fitted_on": baseline.n_fitted_,
     }
@@ -146,7 +147,8 @@ def train(settings: Settings, data: Path | None = None) -> TrainResult:
     """Train head, baseline (and the augmented head when views are cached); the output folder is checked writable first.
 
     The train vectors are held once, training rows first and validation rows after (as ``train_test_split``
-    ordered them), so both parts are views of one float32 array: no copy of the train matrix is made.
+    ordered them), so both parts are views of one float32 array: no copy of the train matrix is made. That array is
+    normalised in place once, and head and baseline are fitted on it as already normalised.
     """
     folder = settings.backbone_dir()
     with open_features(settings, data) as store:
@@ -167,16 +169,17 @@ def train(settings: Settings, data: Path | None = None) -> TrainResult:
                   "weights": store.fingerprint["weights"]}
     y, paths, n_train = y[order], [paths[i] for i in order], len(train_rows)
     train_rows, val_rows = np.arange(n_train), np.arange(n_train, len(y))
+    normalise_in_place(X, settings.normalisation)
     X_train, y_train, X_val, y_val = X[:n_train], y[:n_train], X[n_train:], y[n_train:]  # views
     check_writable(folder)
     start = time.perf_counter()
     head = _new_head(settings)
-    head.fit(X_train, y_train, X_val, y_val, n_classes=len(classes))
+    head.fit(X_train, y_train, X_val, y_val, n_classes=len(classes), normalised=True)
     head_seconds = time.perf_counter() - start
     start = time.perf_counter()
     baseline = LogisticBaseline(seed=settings.seed, cv_folds=settings.cv_folds, final_fit=settings.final_fit,
                                 normalisation=settings.normalisation, class_weight=settings.class_weight)
-    baseline.fit(X_train, y_train, X_val, y_val, n_classes=len(classes))
+    baseline.fit(X_train, y_train, X_val, y_val, n_classes=len(classes), normalised=True)
     baseline_seconds = time.perf_counter() - start
     augmented = {}
     with disk_full_as_user_error(folder, "train-head"):

@@ -8,14 +8,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.base import clone
 from sklearn.datasets import make_blobs
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
-from pipeline.baseline import LogisticBaseline
-from pipeline.head import HeadClassifier, balanced_class_weights, normalise
+from pipeline import baseline as baseline_module
+from pipeline.baseline import C_GRID, LogisticBaseline
+from pipeline import head as head_module
+from pipeline.head import HeadClassifier, balanced_class_weights, normalise, normalise_in_place, refits
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,7 @@ def test_balanced_class_weights_raise_the_recall_of_a_rare_class():
 def test_baseline_chooses_c_by_cross_validation_on_a_small_train_split(pooled):
     X, y, Xv, yv, Xt, yt = pooled
     model = LogisticBaseline(cv_folds=5).fit(X, y, Xv, yv)
-    assert model.selection_ == "5-fold cross-validation" and set(model.val_scores_) == set(model.Cs)
+    assert model.selection_ == "5-fold cross-validation" and set(model.val_scores_) == set(model.Cs_)
     best = max(model.val_scores_.items(), key=lambda kv: (kv[1]["val_accuracy"], -kv[1]["val_log_loss"], -kv[0]))[0]
     assert model.C_ == best and model.n_fitted_ == len(X) + len(Xv) and model.score(Xt, yt) > 0.8
     few = np.concatenate([np.flatnonzero(yv != 2), np.flatnonzero(yv == 2)[:1]])  # class 2: 3 images in all
@@ -96,7 +99,7 @@ def test_baseline_saves_and_loads_its_choices_and_reads_a_file_from_before_them(
     model.save(tmp_path / "logreg.json")
     loaded, saved = LogisticBaseline.load(tmp_path / "logreg.json")
     np.testing.assert_array_equal(loaded.predict_proba(Xt), model.predict_proba(Xt))
-    assert (loaded.normalisation, loaded.class_weight, loaded.final_fit) == ("power", "balanced", "train+val")
+    assert (loaded.normalisation, loaded.class_weight, loaded.final_fit) == ("power", "balanced", "auto")
     assert (saved["selection"], saved["n_fitted"]) == ("5-fold cross-validation", 500)
     plain = LogisticBaseline(Cs=(1.0,), cv_folds=0, final_fit="train", normalisation="none", class_weight="none")
     plain.fit(X, y, Xv, yv).save(tmp_path / "old.json")
@@ -117,6 +120,30 @@ def test_head_refits_on_train_and_validation_for_the_chosen_epoch(tmp_path, pool
     loaded, checkpoint = HeadClassifier.load(tmp_path / "head.pt")
     np.testing.assert_array_equal(loaded.predict_proba(Xt), refit.predict_proba(Xt))
     assert loaded.normalisation == "power" and checkpoint["n_fitted"] == 500
+
+
+def test_auto_final_fit_refits_and_the_c_grid_is_fine_only_for_small_train_splits(pooled, monkeypatch):
+    X, y, Xv, yv, _, _ = pooled
+    assert refits("train+val", 10**7) and not refits("train", 10) and refits("auto", 20_000) and not refits("auto", 20_001)
+    small = (HeadClassifier(epochs=2, seed=0).fit(X, y, Xv, yv), LogisticBaseline(Cs=(1.0,)).fit(X, y, Xv, yv))
+    monkeypatch.setattr(head_module, "SMALL_FIT", len(X) - 1)
+    large = (HeadClassifier(epochs=2, seed=0).fit(X, y, Xv, yv), LogisticBaseline(Cs=(1.0,)).fit(X, y, Xv, yv))
+    assert [m.n_fitted_ for m in small] == [500, 500] and [m.n_fitted_ for m in large] == [400, 400]
+    assert (LogisticBaseline().fit(X, y, Xv, yv).Cs_, LogisticBaseline(Cs=(0.5,)).fit(X, y, Xv, yv).Cs_) == (C_GRID, (0.5,))
+    monkeypatch.setattr(baseline_module, "SMALL_FIT", len(X) - 1)
+    assert LogisticBaseline().fit(X, y, Xv, yv).Cs_ == (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+@pytest.mark.parametrize("final_fit", ["train", "train+val"])
+def test_fitting_on_vectors_normalised_beforehand_gives_the_same_models(pooled, final_fit):
+    X, y, Xv, yv, Xt, _ = pooled
+    Xn, Xvn = normalise_in_place(X.copy(), "power"), normalise_in_place(Xv.copy(), "power")
+    np.testing.assert_array_equal(Xn, normalise(X, "power"))
+    for model in (HeadClassifier(epochs=3, seed=0, final_fit=final_fit), LogisticBaseline(Cs=(0.1, 1.0), final_fit=final_fit)):
+        raw = clone(model).fit(X, y, Xv, yv)
+        given = clone(model).fit(Xn, y, Xvn, yv, normalised=True)
+        assert given.normalisation == "power" and given.n_fitted_ == raw.n_fitted_
+        np.testing.assert_allclose(given.predict_proba(Xt), raw.predict_proba(Xt), atol=1e-5)
 
 
 def test_head_normalises_its_inputs_in_fit_and_predict(pooled):
