@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms.functional import pil_to_tensor
 
 from pipeline.listing import DIGEST_BYTES, NO_VIEW, BadImage, error_reason, not_regular_reason
 
@@ -151,6 +150,8 @@ def decode_image(data: bytes, min_side: int | None = None) -> torch.Tensor:
     decode = jpeg_decoder()
     with _pillow_errors(), Image.open(io.BytesIO(data)) as image:  # the header, and Pillow's decompression-bomb guard
         if decode is None or not _decodes_plainly(image, min_side):
+            from torchvision.transforms.functional import pil_to_tensor  # not at the top: the report needs no torchvision
+
             return pil_to_tensor(_pillow_rgb(image, min_side))
     try:
         return decode(data, mode="RGB")

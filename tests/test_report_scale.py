@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import binomtest
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
@@ -164,6 +165,9 @@ def test_the_intervals_are_wilson_and_a_seeded_paired_bootstrap():
     centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     assert wilson_interval(hits, n) == pytest.approx([centre - half, centre + half])
     assert wilson_interval(1, 1)[1] == 1.0
+    for hits, n in [(0, 1), (1, 1), (0, 7), (3, 7), (7, 7), (493, 500), (9_990, 10_000)]:
+        scipys = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(hits, n) == pytest.approx([scipys.low, scipys.high], abs=1e-12)
     rng = np.random.default_rng(0)
     y = rng.integers(0, 10, 400)
     predicted = np.where(rng.random(400) < 0.8, y, rng.integers(0, 10, 400))
