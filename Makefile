@@ -15,7 +15,7 @@ ifneq ($(UNKNOWN),)
 $(error unknown variable $(UNKNOWN); settings are $(SETTINGS), plus $(MAKE_VARIABLES) (ARGS="--flag value" is passed as is); see `make help`)
 endif
 
-.PHONY: help install data features train-head report all export compare predict test test-fast bench clean
+.PHONY: help install data features train-head sweep report all export compare predict test test-fast bench clean
 
 help: ## list targets and variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,10 +34,13 @@ data: ## download the seed's Cats-vs-Dogs photos (about 25k) into DATA (default 
 features: ## stage one: cache backbone vectors of DATA in CACHE/BACKBONE/features.h5 (NPROC=N: N processes, torchrun)
 	$(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC),$(PYTHON)) -m pipeline features $(FEATURES_FLAGS) $(ARGS)
 
-train-head: ## stage two: train the head and the logistic baseline on the cached vectors
+train-head: ## stage two: train the head and the logistic baseline on the cached vectors, kept as CACHE/BACKBONE/runs/RUN
 	$(PYTHON) -m pipeline train-head $(TRAIN_HEAD_FLAGS) $(ARGS)
 
-report: ## test accuracy of head and baseline side by side (metrics.json, report.md)
+sweep: ## train a grid of heads from the cache, e.g. LR="0.001 0.003 0.01" HIDDEN="256 512" SEED="0 1 2" (also DROPOUT); each is a run, compared on validation
+	$(PYTHON) -m pipeline sweep $(SWEEP_FLAGS) $(ARGS)
+
+report: ## test accuracy of head and baseline side by side (metrics.json, report.md); RUN=name, default the best on validation
 	$(PYTHON) -m pipeline report $(REPORT_FLAGS) $(ARGS)
 
 all: $(if $(DATA),,data) features train-head report ## the main job: features, train-head, report (without DATA: make data first)

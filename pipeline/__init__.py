@@ -19,6 +19,8 @@ _API = {
     "HeadClassifier": "pipeline.head",
     "LogisticBaseline": "pipeline.baseline",
     "train": "pipeline.train",
+    "sweep": "pipeline.sweep",
+    "trained_runs": "pipeline.runs",
     "report": "pipeline.report",
     "predict": "pipeline.predict",
     "embed": "pipeline.predict",

@@ -6,6 +6,7 @@ scikit-learn or matplotlib."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -13,19 +14,24 @@ from pathlib import Path
 
 from pipeline.config import DEFAULTS, SETTING_FIELDS, Settings
 from pipeline.errors import UserError
+from pipeline.runs import SWEPT
 
 STAGE_ONE = ["data", "cache", "backbone", "weights", "device", "precision", "runtime", "storage", "batch_size", "workers",
              "chunk_size", "force", "verify", "augment", "merge"]
 STAGE_TWO = ["cache", "backbone", "seed", "epochs", "patience", "hidden", "dropout", "lr", "head_batch_size", "val_fraction",
-             "cv_folds", "final_fit", "normalisation", "class_weight"]
-REPORT = ["cache", "backbone"]
-COMPARE = ["backbones", *[n for n in dict.fromkeys(STAGE_ONE + STAGE_TWO) if n not in ("backbone", "weights")]]
-PREDICT = ["cache", "backbone", "weights", "device", "precision", "runtime", "batch_size", "workers", "model", "top_k", "format"]
+             "cv_folds", "final_fit", "normalisation", "class_weight", "run"]
+SWEEP = [n for n in STAGE_TWO if n != "run"]
+REPORT = ["cache", "backbone", "run"]
+COMPARE = ["backbones", *[n for n in dict.fromkeys(STAGE_ONE + STAGE_TWO) if n not in ("backbone", "weights", "run")]]
+PREDICT = ["cache", "backbone", "run", "weights", "device", "precision", "runtime", "batch_size", "workers", "model",
+           "top_k", "format"]
 DESCRIPTION = ("Feature-caching transfer learning: run a frozen ImageNet backbone once over your images (features), "
                "then train cheap heads on the cached vectors (train-head), compare them (report), use them (predict).")
 CHECKS_DATA = "check that the cache was made from this dataset (default: whichever it was made from)"
-DATA_CHECKED = ("train-head", "report")  # commands whose --data only checks the cache's dataset
-NEEDS = {"train-head": "features.h5", "report": "training.json", "predict": "training.json", "export": "training.json"}  # what each reads from CACHE
+DATA_CHECKED = ("train-head", "sweep", "report")  # commands whose --data only checks the cache's dataset
+TRAINED = "runs/*/training.json"
+NEEDS = {"train-head": "features.h5", "sweep": "features.h5", "report": TRAINED, "predict": TRAINED,
+         "export": TRAINED}  # what each reads from CACHE/<backbone>
 
 
 def _run_data(settings: Settings, data: Path | None) -> None:
@@ -49,6 +55,12 @@ def _run_train(settings: Settings, data: Path | None) -> None:
     from pipeline.train import train
 
     train(settings, data)
+
+
+def _run_sweep(settings: Settings, data: Path | None, grid: dict[str, list]) -> None:
+    from pipeline.sweep import sweep
+
+    sweep(settings, grid, data)
 
 
 def _run_report(settings: Settings, data: Path | None) -> None:
@@ -100,10 +112,12 @@ COMMANDS = {
     "data": (_run_data, ["data"], "download the seed notebook's Cats-vs-Dogs photos into DATA (unless it holds train/ and test/)"),
     "features": (_run_features, STAGE_ONE, "stage one: cache backbone vectors of every image in HDF5"),
     "train-head": (_run_train, STAGE_TWO, "stage two: train the head and the logistic baseline on the cache"),
-    "report": (_run_report, REPORT, "test accuracy of head and baseline, side by side"),
+    "sweep": (_run_sweep, SWEEP, "stage two for a grid of head settings (several values per --lr, --hidden, --dropout, "
+                                 "--seed), each kept as a run, compared on validation"),
+    "report": (_run_report, REPORT, "test accuracy of head and baseline, side by side (RUN=, or the best on validation)"),
     "all": (_run_all, list(dict.fromkeys(STAGE_ONE + STAGE_TWO)), "features, train-head and report in one go"),
     "predict": (_run_predict, PREDICT, "classify image files or folders with the trained head (or --model logreg)"),
-    "export": (_run_export, ["cache", "backbone", "weights"],
+    "export": (_run_export, ["cache", "backbone", "run", "weights"],
                "write the backbone and trained head as one deployable model: model.pt2, model.onnx (and the torchvision "
                "state dict)"),
     "compare": (_run_compare, COMPARE, "run the pipeline for several backbones and write one table"),
@@ -111,7 +125,16 @@ COMMANDS = {
 }
 
 
-def _add_setting(parser: argparse.ArgumentParser, name: str) -> None:
+def _values(kind: type):
+    """argparse type of a swept flag: one or more space-separated values (``--lr 0.001 0.01`` or ``--lr "0.001 0.01"``,
+    as Make passes LR="0.001 0.01")."""
+    def parse(text: str) -> list:
+        return [kind(value) for value in text.split()]
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def _add_setting(parser: argparse.ArgumentParser, name: str, swept: bool = False) -> None:
     spec = SETTING_FIELDS[name]
     flag = "--" + name.replace("_", "-")
     default = getattr(DEFAULTS, name)
@@ -119,6 +142,10 @@ def _add_setting(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument(flag, action="store_true", help=spec.metadata["help"])
         return
     kind = {int: int, float: float, str: str}.get(type(default), Path)
+    if swept:
+        parser.add_argument(flag, type=_values(kind), nargs="+", default=[[default]], metavar=name.upper(),
+                            help=f"{spec.metadata['help']}; one or more values (default: {default})")
+        return
     parser.add_argument(flag, type=kind, default=default, metavar=name.upper(), choices=spec.metadata["choices"],
                         help=f"{spec.metadata['help']} (default: {default})")
 
@@ -150,27 +177,54 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (run, settings, help) in COMMANDS.items():
         sub = commands.add_parser(name, help=help, description=help)
         for setting in settings:
-            _add_setting(sub, setting)
+            _add_setting(sub, setting, swept=name == "sweep" and setting in SWEPT)
         if name in DATA_CHECKED:
             sub.add_argument("--data", type=Path, default=None, help=CHECKS_DATA)
         if name == "predict":
             sub.add_argument("images", nargs="+", type=Path, help="image files or folders")
         sub.add_argument("--debug", action="store_true", help=SETTING_FIELDS["debug"].metadata["help"])
-        sub.set_defaults(run=run)
+        sub.set_defaults(handler=run)
         if name in NEEDS:
             sub.set_defaults(backbone=None)
     return parser
 
 
+class _CurrentStdout(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stdout`` is when a record is emitted (pytest replaces it per test)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def show_messages(level: int = logging.INFO) -> None:
+    """The library's log messages (logger ``pipeline``) from ``level`` up as plain lines on stdout; once, however
+    often called."""
+    logger = logging.getLogger("pipeline")
+    logger.setLevel(level)
+    if not any(isinstance(h, _CurrentStdout) for h in logger.handlers):
+        handler = _CurrentStdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_messages()
     given = {k: v for k, v in vars(args).items() if k in SETTING_FIELDS and v is not None}
     data_check = given.pop("data", None) if args.command in DATA_CHECKED else None
+    grid = {name: [v for values in given.pop(name) for v in values] for name in SWEPT} if args.command == "sweep" else {}
     try:
         if args.command in NEEDS and "backbone" not in given:
             given["backbone"] = remembered_backbone(Path(given.get("cache", DEFAULTS.cache)), NEEDS[args.command])
         settings = Settings(**given)
-        args.run(settings, data_check, *([args.images] if args.command == "predict" else []))
+        extra = [args.images] if args.command == "predict" else [grid] if args.command == "sweep" else []
+        args.handler(settings, data_check, *extra)
     except UserError as error:
         if args.debug:
             traceback.print_exc()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 from pipeline.backbones import get_backbone
 from pipeline.config import Settings
@@ -12,6 +13,8 @@ from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_
 from pipeline.freshness import bring_up_to_date
 from pipeline.report import report
 from pipeline.train import train
+
+log = logging.getLogger(__name__)
 
 
 def compare(settings: Settings) -> list[dict]:
@@ -26,12 +29,12 @@ def compare(settings: Settings) -> list[dict]:
         one = dataclasses.replace(settings, backbone=name)
         try:
             get_backbone(name)
-            print(bring_up_to_date(one).line())
+            log.info(bring_up_to_date(one).line())
             train(one, settings.data)
             metrics = report(one, settings.data)
         except UserError as error:
             rows.append({"backbone": name, "error": str(error)})
-            print(f"compare: {name} unavailable: {error}")
+            log.info(f"compare: {name} unavailable: {error}")
             continue
         timings = metrics["timings"]
         rows.append({
@@ -45,8 +48,8 @@ def compare(settings: Settings) -> list[dict]:
     with disk_full_as_user_error(settings.cache, "compare"):
         atomic_write_text(settings.cache / "compare.json", json.dumps(rows, indent=2))
         atomic_write_text(settings.cache / "compare.md", table + "\n")
-    print(table)
-    print(f"compare: wrote {settings.cache / 'compare.md'} and {settings.cache / 'compare.json'}")
+    log.info(table)
+    log.info(f"compare: wrote {settings.cache / 'compare.md'} and {settings.cache / 'compare.json'}")
     return rows
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.runs import check_run_name
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 RUNTIMES = ("torch", "compile", "openvino")
@@ -104,6 +105,9 @@ class Settings:
     class_weight: str = _setting("balanced", "weight of each train vector in the loss of head and baseline: balanced "
                                              "(N / (classes x its class's count): every class counts the same) or none",
                                  choices=CLASS_WEIGHTS)
+    run: str = _setting("", "name of a trained run: train-head keeps its models in CACHE/<backbone>/runs/<RUN> (empty: "
+                            "named after lr, hidden, dropout and seed); report, predict and export read that run "
+                            "(empty: the best on validation)")
     # compare
     backbones: str = _setting("densenet121 resnet50 efficientnet_lite0", "space-separated backbones for `compare`")
     # predict
@@ -119,6 +123,7 @@ class Settings:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         for name in SETTING_FIELDS:
             check_value(name, getattr(self, name))
+        check_run_name(self.run)
         if not self.backbones.split():
             raise UserError("--backbones is empty; pass BACKBONES=\"densenet121 efficientnet_lite0\" (space-separated)")
         if self.weights is not None and not Path(self.weights).is_file():

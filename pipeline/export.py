@@ -38,6 +38,7 @@ from pipeline.config import NORMALISATIONS, Settings
 from pipeline.errors import UserError
 from pipeline.files import atomic_write, check_writable, disk_full_as_user_error, file_sha256
 from pipeline.head import MLPHead
+from pipeline.runs import chosen_run
 from pipeline.train import HEAD_FILE, load_trained
 
 PT2_FILE = "model.pt2"
@@ -94,7 +95,7 @@ def _check_packages() -> None:
 def _trained_head(settings: Settings, backbone: Backbone) -> tuple[DeployedHead, object, dict]:
     """The head ``predict`` would use, checked the same way (backbone, weights): as a ``DeployedHead``, as loaded
     (a ``HeadClassifier``), and its checkpoint's metadata."""
-    folder = settings.backbone_dir()
+    folder = chosen_run(settings)
     classifier, saved = load_trained(folder, "head")
     if saved.get("backbone") != settings.backbone:
         raise UserError(f"the head in {folder} was trained on {saved.get('backbone')} vectors, not {settings.backbone}; "
@@ -112,7 +113,7 @@ def _trained_head(settings: Settings, backbone: Backbone) -> tuple[DeployedHead,
     return head.eval(), classifier, saved
 
 
-def _metadata(settings: Settings, backbone: Backbone, saved: dict, head: DeployedHead) -> dict:
+def _metadata(folder: Path, backbone: Backbone, saved: dict, head: DeployedHead) -> dict:
     """What a user of an export needs to feed it and read its output (JSON values)."""
     return {
         "classes": list(saved["classes"]),
@@ -126,7 +127,8 @@ def _metadata(settings: Settings, backbone: Backbone, saved: dict, head: Deploye
         "mean": list(backbone.mean),
         "std": list(backbone.std),
         "normalisation": head.normalisation,
-        "head_sha256": file_sha256(settings.backbone_dir() / HEAD_FILE),
+        "head_sha256": file_sha256(folder / HEAD_FILE),
+        "run": folder.name,
         "features_created": str(saved.get("features_created", "")),
         "torch": str(torch.__version__),
     }
@@ -209,9 +211,9 @@ def export(settings: Settings) -> dict[str, Path | str]:
     backbone = get_backbone(settings.backbone)
     head, classifier, saved = _trained_head(settings, backbone)
     _check_packages()
-    folder = settings.backbone_dir()
+    folder = chosen_run(settings)
     check_writable(folder)
-    metadata = _metadata(settings, backbone, saved, head)
+    metadata = _metadata(folder, backbone, saved, head)
     module = Deployed(backbone.normalize(), load_backbone(backbone, settings.weights), head).eval()
     generator = torch.Generator().manual_seed(0)
     example = torch.randint(0, 256, (2, 3, backbone.crop, backbone.crop), dtype=torch.uint8, generator=generator)

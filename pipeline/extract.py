@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.metadata
 import itertools
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ from pipeline.partial import ChunkRow, PartialRun
 from pipeline.progress import progress
 from pipeline.store import (BLOCK_ROWS, ROWS_PER_CHUNK, FeatureFiles, FeatureStore, ImageKey, Placement, SkipRecord, Source,
                             SplitIndex, StoreWriter, features_file, reserve_bytes)
+
+log = logging.getLogger(__name__)
+
 
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -79,11 +83,11 @@ def _previous(path: Path | None, expected: dict, force: bool) -> FeatureStore | 
     try:
         store = FeatureStore(path)
     except UserError as error:
-        print(f"features: existing cache not reusable ({error}); rebuilding")
+        log.warning(f"features: existing cache not reusable ({error}); rebuilding")
         return None
     if store.fingerprint != expected:
         changed = [k for k in expected if store.fingerprint.get(k) != expected[k]]
-        print(f"features: {', '.join(changed)} changed since {path} was made; rebuilding")
+        log.warning(f"features: {', '.join(changed)} changed since {path} was made; rebuilding")
         store.close()
         return None
     return store
@@ -407,7 +411,7 @@ def extract(settings: Settings, listing: DatasetListing | None = None) -> Extrac
             part = FeatureFiles(distributed.part_file(folder, rank), versioned=True)
             summary = _update(settings, distributed.shard(listing, rank), backbone, expected, part, device)
             summary.seconds = time.perf_counter() - start
-            print(f"rank {rank.rank}/{rank.world}: {summary.line()}")
+            log.info(f"rank {rank.rank}/{rank.world}: {summary.line()}")
             gathered = distributed.gather((summary.extracted, summary.path.name))
             if rank.rank == 0:
                 joined = distributed.join(target, [folder / name for _, name in gathered], settings.merge)
@@ -450,7 +454,7 @@ def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, exp
                 partial.remove()
                 return summary
             if previous is not None and previous.attrs.get("data_root") != str(listing.root.resolve()):
-                print(f"features: DATA is now {listing.root.resolve()} (was {previous.attrs.get('data_root')}); "
+                log.warning(f"features: DATA is now {listing.root.resolve()} (was {previous.attrs.get('data_root')}); "
                       f"unchanged images keep their vectors")
             forward, seconds, extracted = None, {"images": 0.0, "views": 0.0}, {"images": 0, "views": 0}
             while True:
@@ -486,7 +490,7 @@ def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, exp
                                        STORAGE_DTYPES[settings.storage])
                     break
                 except DamagedRows as damaged:
-                    print(f"features: {damaged}; extracting them again")
+                    log.warning(f"features: {damaged}; extracting them again")
                     plan.redo(damaged.keys)
             summary.path, summary.repaired = target, plan.repaired
             summary.reused = len(plan.old_rows) + len(plan.old_skips)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from torch import nn
 
 from pipeline.config import DEFAULTS
 from pipeline.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 # what a checkpoint saved before these settings existed was trained with
@@ -173,10 +176,10 @@ class HeadClassifier(ValidatedClassifier):
                 log_probs = model(Xv_t)
                 val_loss = val_loss_fn(log_probs, yv_t).item()
                 val_accuracy = (log_probs.argmax(1) == yv_t).float().mean().item()
-            log = EpochLog(epoch, train_loss, val_loss, val_accuracy)
-            self.history_.append(log)
+            epoch_log = EpochLog(epoch, train_loss, val_loss, val_accuracy)
+            self.history_.append(epoch_log)
             if self.verbose:
-                print(log.line(self.epochs))
+                log.info(epoch_log.line(self.epochs))
             if val_loss < best_loss:
                 best_loss, best_state, waited, self.best_epoch_ = val_loss, copy.deepcopy(model.state_dict()), 0, epoch
             else:

@@ -165,3 +165,24 @@ def embedding_map(features: np.ndarray, labels: np.ndarray, classes: list[str], 
         axis.legend(handles, [_short(classes[i], CLASS_CHARS) for i in np.unique(labels)], loc="upper left",
                     bbox_to_anchor=(1.02, 1), fontsize="small", title="class")
     return _save(figure, path)
+
+
+SWEEP_BARS_MAX = 40  # sweep: runs shown (best first); the rest are in sweep.json
+
+
+def sweep_scores(scores: list, path: Path) -> Path:
+    """Validation accuracy of each run of a sweep (``RunScore``s, best first) as horizontal bars, the baseline's as a
+    dashed line; at most ``SWEEP_BARS_MAX`` runs."""
+    shown_runs = scores[:SWEEP_BARS_MAX]
+    figure, axis = _figure(figsize=(8, 1.2 + 0.28 * len(shown_runs)))
+    accuracies = [s.head_val_accuracy for s in shown_runs]
+    axis.barh(range(len(shown_runs)), accuracies, color="tab:blue")
+    axis.set_yticks(range(len(shown_runs)), [_short(s.name, 48) for s in shown_runs], fontsize=8)
+    axis.invert_yaxis()
+    axis.axvline(scores[0].logreg_val_accuracy, color="tab:orange", linestyle="--", label="logistic baseline")
+    low = min([*accuracies, scores[0].logreg_val_accuracy])
+    axis.set_xlim(max(0.0, low - 0.05), 1.0)
+    axis.set_xlabel("validation accuracy of the head")
+    axis.set_title(f"Sweep: {len(scores)} runs, best first" + (f" (top {len(shown_runs)})" if len(scores) > len(shown_runs) else ""))
+    axis.legend(loc="lower right")
+    return _save(figure, path)

@@ -20,6 +20,7 @@ from pipeline.errors import UserError
 from pipeline.images import ImageFiles, collate_good
 from pipeline.inference import prepare, resolve_device
 from pipeline.listing import NO_VIEW, BadImage, Skipped, image_stat, shown, walk_folder
+from pipeline.runs import chosen_run
 from pipeline.train import load_trained
 
 
@@ -58,9 +59,10 @@ def image_files(inputs: list[Path]) -> tuple[list[Path], list[Prediction]]:
 
 
 def _load_model(settings: Settings, model: str):
-    classifier, saved = load_trained(settings.backbone_dir(), model)
+    folder = chosen_run(settings)
+    classifier, saved = load_trained(folder, model)
     if saved.get("backbone") != settings.backbone:
-        raise UserError(f"the {model} in {settings.backbone_dir()} was trained on {saved.get('backbone')} vectors, "
+        raise UserError(f"the {model} in {folder} was trained on {saved.get('backbone')} vectors, "
                         f"not {settings.backbone}; pass BACKBONE={saved.get('backbone')}")
     return classifier, saved
 

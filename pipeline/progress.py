@@ -1,5 +1,6 @@
 """Progress of long work: tqdm's bar on a terminal; elsewhere (a log file, CI, a pipe) one plain line every
-LOG_SECONDS, so a long run never looks hung."""
+LOG_SECONDS, so a long run never looks hung. Messages go through ``logging`` (logger ``pipeline``): the CLI shows
+them on stdout; in a notebook or script only warnings show, unless logging is configured."""
 
 from __future__ import annotations
 

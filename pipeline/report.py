@@ -12,6 +12,7 @@ import csv
 import html
 import io
 import json
+import logging
 import math
 import warnings
 from datetime import datetime, timezone
@@ -27,7 +28,11 @@ from pipeline.config import MODELS, Settings
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_error
 from pipeline.listing import shown
-from pipeline.train import AUGMENTED_HEAD_FILE, load_trained, open_features, read_training_record
+from pipeline.runs import chosen_run, read_training_record
+from pipeline.train import AUGMENTED_HEAD_FILE, load_trained, open_features
+
+log = logging.getLogger(__name__)
+
 
 TITLES = {"head": "Head", "logreg": "Logistic regression"}
 CONFIDENCE = 0.95
@@ -140,9 +145,10 @@ def build_metrics(settings: Settings, data: Path | None = None) -> dict:
         raise UserError(f"no test vectors in {store.path}; add images to DATA/test and run `make features` again")
     check_writable(folder)
     created = str(attrs["created"])
-    head = _load(folder, "head", created)
-    baseline = _load(folder, "logreg", created)
-    training = read_training_record(folder)
+    run_folder = chosen_run(settings)
+    head = _load(run_folder, "head", created)
+    baseline = _load(run_folder, "logreg", created)
+    training = read_training_record(run_folder)
     seed = training["seed"]
     data_root = Path(str(attrs["data_root"]))
     history = [vars(h) for h in head.history_]
@@ -178,6 +184,7 @@ def build_metrics(settings: Settings, data: Path | None = None) -> dict:
             "logreg_seconds": training["logreg_seconds"],
         },
         "run": {
+            "name": run_folder.name,
             "data_root": str(attrs["data_root"]),
             "features_created": created,
             **{key: str(attrs[key]) for key in ("precision", "runtime", "storage")},
@@ -189,8 +196,8 @@ def build_metrics(settings: Settings, data: Path | None = None) -> dict:
         "skipped": skipped,
         "test_predictions": PREDICTIONS_FILE,
     }
-    if (folder / AUGMENTED_HEAD_FILE).is_file():
-        augmented = _load(folder, "head_augmented", created)
+    if (run_folder / AUGMENTED_HEAD_FILE).is_file():
+        augmented = _load(run_folder, "head_augmented", created)
         metrics["head_augmented"] = {**evaluate(augmented.predict_proba(X), y, classes, seed),
                                      "best_epoch": augmented.best_epoch_, **training["augmented"],
                                      "views_extracted": int(attrs["views_extracted"]),
@@ -253,6 +260,7 @@ def _run_rows(metrics: dict) -> list[list[str]]:
     run, t, params = metrics["run"], metrics["timings"], metrics["run"]["head"]
     rate = t["images_extracted"] / t["features_seconds"] if t["features_seconds"] else 0.0
     return [
+        ["Run", f"{run['name']} (CACHE/{metrics['backbone']}/runs/{run['name']}; RUN= for another run)"],
         ["Data root", shown(run["data_root"])],
         ["Splits", f"train {metrics['n_train']}, validation {metrics['n_val']}, test {metrics['n_test']}"],
         ["Backbone", f"{metrics['backbone']} ({metrics['feature_dim']}-d), weights {metrics['weights']}"],
@@ -440,7 +448,7 @@ logistic regression <b>{metrics['logreg']['test_accuracy']:.2%}</b> ({metrics['n
 def summary_lines(metrics: dict, folder: Path) -> list[str]:
     """What `report` prints: accuracies with intervals, the worst classes and most confused pairs of the head (a few,
     by name), skipped images, and where the files are; never a whole table, at any class count."""
-    lines = [f"report: {_title(metrics)}, {metrics['n_test']} test images"]
+    lines = [f"report: {_title(metrics)}, run {metrics['run']['name']}, {metrics['n_test']} test images"]
     for model in (*MODELS, "head_augmented"):
         if model in metrics:
             m = metrics[model]
@@ -469,5 +477,5 @@ def report(settings: Settings, data: Path | None = None) -> dict:
         atomic_write_text(folder / "metrics.json", json.dumps(metrics, indent=2))
         atomic_write_text(folder / "report.md", render_markdown(metrics))
         atomic_write_text(folder / "report.html", render_html(metrics, folder))
-    print("\n".join(summary_lines(metrics, folder)))
+    log.info("\n".join(summary_lines(metrics, folder)))
     return metrics

@@ -49,10 +49,11 @@ def features_file(backbone_dir: Path) -> Path:
     return Path(backbone_dir) / "features.h5"
 
 
-def backbones_with(cache: Path, name: str) -> list[str]:
-    """The backbones whose folder in ``cache`` holds a file ``name`` (``features.h5``, ``training.json``), sorted."""
+def backbones_with(cache: Path, pattern: str) -> list[str]:
+    """The backbones whose folder in ``cache`` holds a file matching ``pattern`` (``features.h5``,
+    ``runs/*/training.json``), sorted."""
     try:
-        return sorted(d.name for d in Path(cache).iterdir() if (d / name).is_file())
+        return sorted(d.name for d in Path(cache).iterdir() if any(p.is_file() for p in d.glob(pattern)))
     except OSError:
         return []
 

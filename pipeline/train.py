@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import pickle
 import time
 from dataclasses import dataclass
@@ -18,32 +18,15 @@ from pipeline.errors import UserError
 from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_error, file_sha256
 from pipeline.head import HeadClassifier, normalise_in_place
 from pipeline.listing import AUGMENTED
+from pipeline.runs import TRAINING_FILE, read_training_record, seal, training_dir
 from pipeline.store import FeatureStore, features_file
+
+log = logging.getLogger(__name__)
+
 
 HEAD_FILE = "head.pt"
 AUGMENTED_HEAD_FILE = "head_augmented.pt"
 BASELINE_FILE = "logreg.json"
-TRAINING_FILE = "training.json"
-
-
-def _seal(record: dict) -> str:
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-
-
-def read_training_record(folder: Path) -> dict:
-    """``training.json``: what the last completed ``train-head`` wrote (written last, after the model files): its
-    settings and the sha256 of every model file. Missing, damaged or edited, it is a UserError."""
-    path = folder / TRAINING_FILE
-    if not path.is_file():
-        raise UserError(f"no {path}; run `make train-head` with the same BACKBONE and CACHE first")
-    try:
-        record = json.loads(path.read_text())
-        intact = record.pop("sha256") == _seal(record)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        intact = False
-    if not intact:
-        raise UserError(f"{path} is damaged; run `make train-head` again")
-    return record
 
 
 def load_trained(folder: Path, model: str) -> tuple:
@@ -86,23 +69,6 @@ def open_features(settings: Settings, data: Path | None = None) -> FeatureStore:
     return store
 
 
-def _train_on_views(settings: Settings, X, y, paths, train_rows, val_rows, views, n_classes: int, path: Path,
-                    source: dict) -> dict:
-    """A second head on the training images plus their cached augmented views (never those of validation images);
-    X is already normalised, the views are not."""
-    X_views, y_views, view_paths = views
-    training_images = {paths[i] for i in train_rows}
-    keep = np.array([p in training_images for p in view_paths], dtype=bool)
-    start = time.perf_counter()
-    print(f"train-head: head on {len(train_rows)} images + {keep.sum()} augmented views")
-    head = _new_head(settings)
-    head.fit(np.concatenate([X[train_rows], normalise_in_place(X_views[keep], settings.normalisation)]),
-             np.concatenate([y[train_rows], y_views[keep]]), X[val_rows], y[val_rows], n_classes=n_classes, normalised=True)
-    head.save(path, **source)
-    return {"n_views": int(keep.sum()), "views_per_image": len(view_paths) // max(1, len(paths)),
-            "seconds": time.perf_counter() - start}
-
-
 def choices_record(settings: Settings, head: HeadClassifier, baseline: LogisticBaseline) -> dict:
     """What stage two chose and how, for training.json and the report: the settings that shape the models, the head's
     epoch and the baseline's C, how each was chosen and how many vectors the final models were fitted on."""
@@ -128,9 +94,12 @@ class TrainResult:
     n_val: int
     head_seconds: float
     baseline_seconds: float
+    folder: Path
 
 
 READ_ROWS = 8192  # vectors per block when reading the train split into place
+STAGE_TWO_SETTINGS = ("lr", "hidden", "dropout", "seed", "epochs", "patience", "head_batch_size", "val_fraction",
+                      "cv_folds", "final_fit", "normalisation", "class_weight")  # recorded in training.json
 
 
 def _read_in_order(store: FeatureStore, split: str, order: np.ndarray) -> np.ndarray:
@@ -143,14 +112,31 @@ def _read_in_order(store: FeatureStore, split: str, order: np.ndarray) -> np.nda
     return X
 
 
-def train(settings: Settings, data: Path | None = None) -> TrainResult:
-    """Train head, baseline (and the augmented head when views are cached); the output folder is checked writable first.
+@dataclass
+class TrainingSet:
+    """The train split's vectors, read once and normalised in place: training rows first, then the validation rows
+    (as ``train_test_split`` ordered them, seeded by ``split_seed``), so both parts are views of one float32 array."""
+    X: np.ndarray
+    y: np.ndarray
+    paths: list[str]
+    n_train: int
+    n_classes: int
+    split_seed: int
+    views: tuple | None  # the cached augmented views (vectors, labels, paths), not normalised
+    source: dict  # what the models were trained on, saved with each
 
-    The train vectors are held once, training rows first and validation rows after (as ``train_test_split``
-    ordered them), so both parts are views of one float32 array: no copy of the train matrix is made. That array is
-    normalised in place once, and head and baseline are fitted on it as already normalised.
-    """
-    folder = settings.backbone_dir()
+    @property
+    def train(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.X[:self.n_train], self.y[:self.n_train]
+
+    @property
+    def validation(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.X[self.n_train:], self.y[self.n_train:]
+
+
+def read_training_set(settings: Settings, data: Path | None = None) -> TrainingSet:
+    """The train split of the backbone's feature file, split (stratified, seeded by SEED) into training and
+    validation rows and normalised once, in place; no copy of the train matrix is made."""
     with open_features(settings, data) as store:
         y, classes, paths = store.labels("train"), store.classes, store.paths("train")
         counts = np.bincount(y, minlength=len(classes))
@@ -164,45 +150,92 @@ def train(settings: Settings, data: Path | None = None) -> TrainResult:
             raise UserError(f"cannot carve a stratified validation split ({error}); change --val-fraction") from None
         order = np.concatenate([train_rows, val_rows])
         X = _read_in_order(store, "train", order)
-        views = (store.features(AUGMENTED), store.labels(AUGMENTED), store.paths(AUGMENTED)) if AUGMENTED in store.splits else None
+        views = (store.features(AUGMENTED), store.labels(AUGMENTED), store.paths(AUGMENTED)) \
+            if AUGMENTED in store.splits else None
         source = {"features_created": str(store.attrs["created"]), "backbone": store.backbone, "classes": classes,
                   "weights": store.fingerprint["weights"]}
-    y, paths, n_train = y[order], [paths[i] for i in order], len(train_rows)
-    train_rows, val_rows = np.arange(n_train), np.arange(n_train, len(y))
     normalise_in_place(X, settings.normalisation)
-    X_train, y_train, X_val, y_val = X[:n_train], y[:n_train], X[n_train:], y[n_train:]  # views
-    check_writable(folder)
+    return TrainingSet(X, y[order], [paths[i] for i in order], len(train_rows), len(classes), settings.seed, views, source)
+
+
+def fit_head(settings: Settings, data: TrainingSet) -> tuple[HeadClassifier, float]:
+    """The head fitted on the training rows with the epoch chosen on the validation rows, and its seconds."""
     start = time.perf_counter()
-    head = _new_head(settings)
-    head.fit(X_train, y_train, X_val, y_val, n_classes=len(classes), normalised=True)
-    head_seconds = time.perf_counter() - start
+    head = _new_head(settings).fit(*data.train, *data.validation, n_classes=data.n_classes, normalised=True)
+    return head, time.perf_counter() - start
+
+
+def fit_baseline(settings: Settings, data: TrainingSet) -> tuple[LogisticBaseline, float]:
+    """The logistic baseline with C chosen on the validation rows (or by cross-validation), and its seconds."""
     start = time.perf_counter()
     baseline = LogisticBaseline(seed=settings.seed, cv_folds=settings.cv_folds, final_fit=settings.final_fit,
                                 normalisation=settings.normalisation, class_weight=settings.class_weight)
-    baseline.fit(X_train, y_train, X_val, y_val, n_classes=len(classes), normalised=True)
-    baseline_seconds = time.perf_counter() - start
-    augmented = {}
-    with disk_full_as_user_error(folder, "train-head"):
+    baseline.fit(*data.train, *data.validation, n_classes=data.n_classes, normalised=True)
+    return baseline, time.perf_counter() - start
+
+
+def _fit_on_views(settings: Settings, data: TrainingSet, path: Path) -> dict:
+    """A second head on the training images plus their cached augmented views (never those of validation images)."""
+    X_views, y_views, view_paths = data.views
+    training_images = set(data.paths[:data.n_train])
+    keep = np.array([p in training_images for p in view_paths], dtype=bool)
+    start = time.perf_counter()
+    log.info(f"train-head: head on {data.n_train} images + {keep.sum()} augmented views")
+    X, y = data.train
+    head = _new_head(settings)
+    head.fit(np.concatenate([X, normalise_in_place(X_views[keep], settings.normalisation)]),
+             np.concatenate([y, y_views[keep]]), *data.validation, n_classes=data.n_classes, normalised=True)
+    head.save(path, **data.source)
+    return {"n_views": int(keep.sum()), "views_per_image": len(view_paths) // max(1, len(data.paths)),
+            "seconds": time.perf_counter() - start}
+
+
+def save_run(settings: Settings, data: TrainingSet, head: HeadClassifier, head_seconds: float,
+             baseline: LogisticBaseline, baseline_seconds: float) -> Path:
+    """Write the run's models (and the augmented head when views are cached), then ``training.json`` last, into
+    ``training_dir(settings)``; returns that folder. A model file not matching training.json is never read."""
+    folder = training_dir(settings)
+    with disk_full_as_user_error(settings.backbone_dir(), "train-head"):
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / AUGMENTED_HEAD_FILE).unlink(missing_ok=True)
-        if views is not None and len(views[1]):
-            augmented = _train_on_views(settings, X, y, paths, train_rows, val_rows, views, len(classes),
-                                        folder / AUGMENTED_HEAD_FILE, source)
-        head.save(folder / HEAD_FILE, **source)
-        baseline.save(folder / BASELINE_FILE, **source)
+        augmented = _fit_on_views(settings, data, folder / AUGMENTED_HEAD_FILE) \
+            if data.views is not None and len(data.views[1]) else {}
+        head.save(folder / HEAD_FILE, **data.source)
+        baseline.save(folder / BASELINE_FILE, **data.source)
+        best = head.history_[head.best_epoch_ - 1]
         record = {
-            **source,
-            "n_train": len(train_rows),
-            "n_val": len(val_rows),
+            **data.source,
+            "run": folder.name,
+            "n_train": data.n_train,
+            "n_val": len(data.y) - data.n_train,
             "seed": settings.seed,
+            "split_seed": data.split_seed,
+            "settings": {name: getattr(settings, name) for name in STAGE_TWO_SETTINGS},
+            "validation": {"head_accuracy": best.val_accuracy, "head_loss": best.val_loss,
+                           "logreg_accuracy": baseline.val_scores_[baseline.C_]["val_accuracy"],
+                           "logreg_loss": baseline.val_scores_[baseline.C_]["val_log_loss"]},
             "head_seconds": head_seconds,
             "logreg_seconds": baseline_seconds,
             "augmented": augmented,
             "choices": choices_record(settings, head, baseline),
-            "files": {f: file_sha256(folder / f) for f in (HEAD_FILE, BASELINE_FILE, AUGMENTED_HEAD_FILE) if (folder / f).is_file()},
+            "files": {f: file_sha256(folder / f) for f in (HEAD_FILE, BASELINE_FILE, AUGMENTED_HEAD_FILE)
+                      if (folder / f).is_file()},
         }
-        atomic_write_text(folder / TRAINING_FILE, json.dumps({**record, "sha256": _seal(record)}, indent=2))
-    print(f"train-head: head best epoch {head.best_epoch_} (val accuracy {head.history_[head.best_epoch_ - 1].val_accuracy:.1%}), "
+        atomic_write_text(folder / TRAINING_FILE, json.dumps({**record, "sha256": seal(record)}, indent=2))
+    return folder
+
+
+def train(settings: Settings, data: Path | None = None) -> TrainResult:
+    """Train head and baseline (and the augmented head when views are cached) and keep them as one run (see
+    ``pipeline.runs``); the cache folder is checked writable before any fitting."""
+    training = read_training_set(settings, data)
+    check_writable(settings.backbone_dir())
+    head, head_seconds = fit_head(settings, training)
+    baseline, baseline_seconds = fit_baseline(settings, training)
+    folder = save_run(settings, training, head, head_seconds, baseline, baseline_seconds)
+    log.info(f"train-head: head best epoch {head.best_epoch_} (val accuracy {head.history_[head.best_epoch_ - 1].val_accuracy:.1%}), "
           f"fitted on {head.n_fitted_}, {head_seconds:.1f} s | logreg C={baseline.C_:.3g} by {baseline.selection_} "
           f"(val accuracy {baseline.val_scores_[baseline.C_]['val_accuracy']:.1%}), fitted on {baseline.n_fitted_}, "
-          f"{baseline_seconds:.1f} s | saved to {folder}")
-    return TrainResult(head, baseline, len(train_rows), len(val_rows), head_seconds, baseline_seconds)
+          f"{baseline_seconds:.1f} s | saved as run {folder.name} in {folder.parent}")
+    return TrainResult(head, baseline, training.n_train, len(training.y) - training.n_train, head_seconds,
+                       baseline_seconds, folder)

@@ -52,6 +52,14 @@ def tmpfs(folder: Path, size: int) -> Iterator[Path]:
         subprocess.run(["umount", "-l", folder], check=True)
 
 
+def run_folder(cache: Path, backbone: str = "efficientnet_lite0") -> Path:
+    """The folder of the trained run that report, predict and export read by default (the best on validation)."""
+    from pipeline.config import Settings
+    from pipeline.runs import chosen_run
+
+    return chosen_run(Settings(cache=cache, backbone=backbone))
+
+
 def run_cli(*args: str) -> int:
     """The CLI in this process (fast: torch is imported once)."""
     return main([str(a) for a in args])

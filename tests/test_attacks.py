@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, make_images, run_cli, run_cli_process, tmpfs
+from conftest import REPO, make_images, run_cli, run_cli_process, run_folder, tmpfs
 from pipeline import extract as extract_module
 from pipeline.config import Settings
 from pipeline.errors import UserError
@@ -404,9 +404,9 @@ def test_an_edited_model_file_is_refused_not_read_as_other_numbers(trained, tmp_
                        ("training.json", lambda text: text.replace('"seed": 0', '"seed": 1', 1))):
         cache = tmp_path / name
         shutil.copytree(trained, cache)
-        file = cache / "efficientnet_lite0" / name
+        file = run_folder(cache) / name
         file.write_text(edit(file.read_text()))
-        with pytest.raises(UserError, match="run `make train-head` again"):
+        with pytest.raises(UserError, match="run `make train-head.*` again"):
             build_metrics(settings(None, cache))
 
 
@@ -415,7 +415,12 @@ def test_a_killed_train_head_never_leaves_a_mix_of_two_runs(trained, tmp_path):
 
     cache = tmp_path / "cache"
     shutil.copytree(trained, cache)
+    run = run_folder(cache).name
+    # a new run killed while writing is never read: the complete one is still the one chosen
     _kill_at("file-after-rename:1", ["train-head", "--cache", cache, *LITE, "--epochs", "2", "--seed", "3"])
+    assert (run_folder(cache).name, build_metrics(settings(None, cache))["run"]["name"]) == (run, run)
+    # the same run retrained (other settings) and killed between its files: refused, never mixed
+    _kill_at("file-after-rename:1", ["train-head", "--cache", cache, *LITE, "--epochs", "2", "--seed", "3", "--run", run])
     with pytest.raises(UserError, match="not the one the last completed train-head wrote"):
         build_metrics(settings(None, cache))
     assert run_cli("train-head", "--cache", cache, *LITE, "--epochs", "2") == 0

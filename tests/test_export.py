@@ -19,6 +19,7 @@ from pipeline.errors import UserError
 from pipeline.export import ONNX_FILE, PT2_FILE, TORCHVISION_FILE, DeployedHead, export, read_pt2_metadata
 from pipeline.head import HeadClassifier
 from pipeline.predict import predict
+from pipeline.runs import chosen_run
 from pipeline.store import FeatureStore, features_file
 
 pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
@@ -73,7 +74,7 @@ def densenet(tmp_path_factory):
 
 
 def test_export_refuses_without_a_trained_head_before_writing_anything(tmp_path, tiny_data):
-    with pytest.raises(UserError, match="no trained head at .*run `make train-head`"):
+    with pytest.raises(UserError, match="no trained head in .*run `make train-head`"):
         export(Settings(cache=tmp_path / "cache", backbone=LITE))
     assert not (tmp_path / "cache").exists()
     cache = tmp_path / "features-only"
@@ -87,15 +88,15 @@ def test_export_refuses_without_a_trained_head_before_writing_anything(tmp_path,
 def test_export_refuses_a_head_trained_on_other_weights(densenet):
     _, settings, _ = densenet
     folder = settings.backbone_dir()
-    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
     with pytest.raises(UserError, match="pass the same WEIGHTS"):
         export(Settings(cache=settings.cache, backbone="densenet121"))  # torchvision's weights, not the file's
-    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == stamps
 
 
 def test_lite_exports_agree_with_predict_and_carry_their_metadata(lite):
     data, settings, written = lite
-    folder = settings.backbone_dir()
+    folder = chosen_run(settings)
     assert written["pt2"] == folder / PT2_FILE and written["onnx"] == folder / ONNX_FILE
     assert written["torchvision"].startswith("skipped: efficientnet_lite0 is no torchvision model")
     assert not (folder / TORCHVISION_FILE).exists() and not list(folder.glob("*.tmp"))
@@ -132,12 +133,12 @@ def test_export_again_prints_nothing_and_replaces_the_files_with_equal_ones(lite
     after = read_pt2_metadata(again["pt2"])
     assert after["head_sha256"] and {k: Path(v).stat().st_size for k, v in again.items() if k != "torchvision"} == \
         {k: len(v) for k, v in before.items()}
-    assert not list(settings.backbone_dir().glob("*.tmp"))
+    assert not list(settings.backbone_dir().rglob("*.tmp"))
 
 
 def test_densenet_state_dict_is_the_torchvision_model_with_the_head_as_classifier(densenet):
     data, settings, written = densenet
-    folder = settings.backbone_dir()
+    folder = chosen_run(settings)
     assert set(written) == {"pt2", "onnx", "torchvision"} and written["torchvision"] == folder / TORCHVISION_FILE
 
     # the README's snippet
@@ -152,7 +153,7 @@ def test_densenet_state_dict_is_the_torchvision_model_with_the_head_as_classifie
     for key, value in checkpoint["state_dict"].items():
         assert torch.equal(saved["state_dict"][f"classifier.{key}"], value)
 
-    with FeatureStore(features_file(folder)) as store:
+    with FeatureStore(features_file(settings.backbone_dir())) as store:
         cached, paths = store.features("test"), store.paths("test")
     metadata = saved["metadata"]
     to_float = T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(metadata["mean"], metadata["std"])])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from pipeline.cli import COMMANDS, DATA_CHECKED, build_parser
+from pipeline.cli import COMMANDS, DATA_CHECKED, SWEPT, build_parser
 from pipeline.config import DEFAULTS, SETTING_FIELDS
 from pipeline.makefile import fragment, variable
 
@@ -52,7 +52,9 @@ def test_every_setting_of_a_command_reaches_it_from_make(command):
     assert result.returncode == 0, result.stderr
     argv = shlex.split(result.stdout.strip().splitlines()[-1])
     args = build_parser().parse_args(argv[argv.index(command):])
-    assert {name: getattr(args, name) for name in names} == {name: parsed for name, (_, parsed) in values.items()}
+    swept = SWEPT if command == "sweep" else ()  # a sweep's flag takes several values: a list per argument given
+    assert {name: getattr(args, name) for name in names} == \
+        {name: [[parsed]] if name in swept else parsed for name, (_, parsed) in values.items()}
 
 
 def test_unset_and_false_switches_pass_nothing():

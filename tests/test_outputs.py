@@ -25,7 +25,8 @@ from pipeline.head import HeadClassifier
 from pipeline.predict import predict, render
 
 LITE = ("--backbone", "efficientnet_lite0")
-TRAIN_OUTPUTS = ("head.pt", "logreg.json", "training.json")
+RUN = "runs/lr0.003-hidden256-dropout0.2-seed0"  # the run train-head names after the default settings
+TRAIN_OUTPUTS = (f"{RUN}/head.pt", f"{RUN}/logreg.json", f"{RUN}/training.json")
 REPORT_OUTPUTS = ("metrics.json", "report.md", "report.html", "learning_curves.png", "embedding.png", "confusion.png",
                   "top_losses_head.png", "top_losses_logreg.png")
 PAGE = 4096
@@ -89,12 +90,12 @@ class DiskFull:
 
 
 def _pages(folder: Path) -> int:
-    return sum(math.ceil(p.stat().st_size / PAGE) * PAGE for p in folder.iterdir())
+    return sum(math.ceil(p.stat().st_size / PAGE) * PAGE for p in folder.rglob("*"))
 
 
 def _assert_unchanged(folder: Path, before: dict[str, bytes]) -> None:
     assert _contents(folder, tuple(before)) == before
-    assert not list(folder.glob("*.tmp"))
+    assert not list(folder.rglob("*.tmp"))
 
 
 @pytest.mark.parametrize("command, flags, outputs", [("train-head", ("--epochs", "2"), TRAIN_OUTPUTS),
@@ -107,7 +108,7 @@ def test_a_disk_filling_up_midway_leaves_the_previous_outputs(trained, tmp_path,
     assert run_cli(command, "--cache", tmp_path / "cache", *LITE, *flags) == 2 and disk.room == 0
     assert f"disk full while writing {folder}" in capsys.readouterr().err
     _assert_unchanged(folder, before)
-    head, _ = HeadClassifier.load(folder / "head.pt")
+    head, _ = HeadClassifier.load(folder / RUN / "head.pt")
     assert head.n_classes_ == 2
 
 
@@ -123,7 +124,7 @@ def test_a_full_tmpfs_is_one_line_and_keeps_the_previous_head_and_report(trained
             assert result.stderr.strip().splitlines() == [
                 f"error: disk full while writing {folder}; free space and run `make {command}` again"]
             _assert_unchanged(folder, before)
-        head, checkpoint = HeadClassifier.load(folder / "head.pt")
+        head, checkpoint = HeadClassifier.load(folder / RUN / "head.pt")
         assert checkpoint["backbone"] == "efficientnet_lite0" and head.n_classes_ == 2
 
 
@@ -204,8 +205,8 @@ def test_predict_refuses_inputs_without_images(lite, tmp_path, capsys):
 
 def test_predict_refuses_a_damaged_head(trained, tmp_path, monkeypatch):
     folder = _copy_cache(trained[1], tmp_path / "cache")
-    head = (folder / "head.pt").read_bytes()
-    (folder / "head.pt").write_bytes(head[: len(head) // 2])
+    head = (folder / RUN / "head.pt").read_bytes()
+    (folder / RUN / "head.pt").write_bytes(head[: len(head) // 2])
     monkeypatch.setattr("pipeline.predict.load_backbone", _never)
     with pytest.raises(UserError, match="head.pt is not the one the last completed train-head wrote .*; run `make train-head` again"):
         predict(Settings(cache=tmp_path / "cache", backbone="efficientnet_lite0"), [trained[0] / "test/cat/cat0.png"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import run_cli, run_cli_process
+from conftest import run_cli, run_cli_process, run_folder
 
 LITE = ("--backbone", "efficientnet_lite0")
 
@@ -47,8 +47,10 @@ def test_all_three_stages_through_the_cli(tmp_path, tiny_data, capsys):
     out = capsys.readouterr().out
     assert "Epoch 1/4.. Train loss: " in out and ".. Val loss: " in out and ".. Val accuracy: " in out
     assert run_cli("report", "--cache", cache, *LITE) == 0
-    folder = cache / "efficientnet_lite0"
-    assert {p.name for p in folder.iterdir()} >= {"features.h5", "head.pt", "logreg.json", "metrics.json", "report.md"}
+    folder, run = cache / "efficientnet_lite0", run_folder(cache)
+    assert {p.name for p in folder.iterdir()} >= {"features.h5", "metrics.json", "report.md"}
+    assert {p.name for p in run.iterdir()} == {"head.pt", "logreg.json", "training.json"}
+    assert run.name == "lr0.003-hidden256-dropout0.2-seed3"
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["backbone"] == "efficientnet_lite0" and metrics["feature_dim"] == 1280
     assert metrics["classes"] == ["cat", "dog"]
@@ -58,7 +60,7 @@ def test_all_three_stages_through_the_cli(tmp_path, tiny_data, capsys):
         assert np.trace(metrics[model]["confusion_matrix"]) == 8
     report = (folder / "report.md").read_text()
     assert "test accuracy" in report and "confusion matrix" in report and "Timings" in report
-    head = torch.load(folder / "head.pt", weights_only=True)
+    head = torch.load(run / "head.pt", weights_only=True)
     assert head["backbone"] == "efficientnet_lite0" and head["classes"] == ["cat", "dog"] and head["feature_dim"] == 1280
     assert head["params"]["lr"] == 0.003 and head["params"]["seed"] == 3
 
@@ -69,8 +71,8 @@ def test_same_seed_same_numbers(tmp_path, tiny_data):
     saved = []
     for _ in range(2):
         assert run_cli("train-head", "--cache", cache, *LITE, "--epochs", "3") == 0
-        head = torch.load(cache / "efficientnet_lite0" / "head.pt", weights_only=True)
-        logreg = json.loads((cache / "efficientnet_lite0" / "logreg.json").read_text())
+        head = torch.load(run_folder(cache) / "head.pt", weights_only=True)
+        logreg = json.loads((run_folder(cache) / "logreg.json").read_text())
         saved.append((head["state_dict"], logreg["coef"], head["history"]))
     (state_a, coef_a, hist_a), (state_b, coef_b, hist_b) = saved
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
