@@ -6,7 +6,9 @@ The names below are the API for notebooks and scripts (see the README's "Python 
 used, so ``import pipeline`` loads neither torch nor matplotlib and changes nothing in the session.
 """
 
+import sys
 from importlib import import_module
+from types import ModuleType
 
 __version__ = "0.1.0"
 
@@ -29,11 +31,18 @@ _API = {
 __all__ = ["__version__", *_API]
 
 
-def __getattr__(name: str):
-    if name in _API:
-        return getattr(import_module(_API[name]), name)
-    raise AttributeError(f"module 'pipeline' has no attribute '{name}'")
+class _Package(ModuleType):
+    """This package's module: an API name is always the function or class, also once the submodule of the same name
+    (``pipeline.train``, ``pipeline.report``, ...) was imported, which would otherwise replace it. The submodules
+    themselves are ``sys.modules["pipeline.train"]`` (or ``from pipeline.train import ...``)."""
+
+    def __getattribute__(self, name: str):
+        if name in _API:
+            return getattr(import_module(_API[name]), name)
+        return super().__getattribute__(name)
+
+    def __dir__(self) -> list[str]:
+        return __all__
 
 
-def __dir__() -> list[str]:
-    return __all__
+sys.modules[__name__].__class__ = _Package

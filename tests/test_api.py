@@ -17,9 +17,13 @@ def test_import_pipeline_loads_no_heavy_library_and_lists_its_api():
     assert {"Settings", "bring_up_to_date", "open_features", "HeadClassifier", "predict"} <= set(dir(pipeline))
 
 
-def test_every_name_of_the_api_resolves():
+def test_every_name_of_the_api_resolves_and_stays_itself_once_its_module_is_imported():
+    import pipeline.train  # noqa: F401  (a submodule named like an API function)
+
     for name in pipeline.__all__:
         assert getattr(pipeline, name) is not None
+    for name in ("train", "sweep", "report", "predict", "export"):
+        assert callable(getattr(pipeline, name)) and getattr(pipeline, name).__name__ == name
 
 
 def test_embed_gives_the_cached_vectors_of_the_same_files_and_names_the_unusable(tmp_path, tiny_data):
@@ -96,3 +100,21 @@ def test_the_readme_api_block_runs(tmp_path, tiny_data, monkeypatch):
     assert namespace["head"].score(namespace["X_test"], namespace["y_test"]) > 0.9
     assert namespace["logreg"].score(namespace["X_test"], namespace["y_test"]) > 0.9
     assert namespace["embedded"].vectors.shape == (4, 1280) and namespace["embedded"].skipped == []
+
+
+def test_the_library_is_quiet_by_default_and_speaks_through_logging(tmp_path, tiny_data):
+    from conftest import run_cli_process
+
+    code = (f"import logging, sys, pipeline\n"
+            f"settings = pipeline.Settings(data={str(tiny_data)!r}, cache={str(tmp_path / 'cache')!r}, "
+            f"backbone='efficientnet_lite0', epochs=2)\n"
+            f"pipeline.bring_up_to_date(settings)\n"
+            f"pipeline.train(settings)\n"
+            f"logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(name)s: %(message)s')\n"
+            f"pipeline.train(settings)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()  # nothing before logging was configured, then the library's records
+    assert lines[0].startswith("pipeline.head: Epoch 1/2.. ") and lines[-1].startswith("pipeline.train: train-head: ")
+    cli = run_cli_process("train-head", "--cache", tmp_path / "cache", "--backbone", "efficientnet_lite0", "--epochs", "2")
+    assert cli.returncode == 0 and [line.split(": ", 1)[1] for line in lines][:2] == cli.stdout.splitlines()[:2]

@@ -178,7 +178,7 @@ def _never(*args, **kwargs):
 @pytest.fixture
 def lite(trained, monkeypatch) -> Settings:
     """Settings for the trained cache, with loading the backbone forbidden."""
-    monkeypatch.setattr("pipeline.predict.load_backbone", _never)
+    monkeypatch.setattr(sys.modules["pipeline.predict"], "load_backbone", _never)
     return Settings(cache=trained[1].parent, backbone="efficientnet_lite0")
 
 
@@ -207,7 +207,7 @@ def test_predict_refuses_a_damaged_head(trained, tmp_path, monkeypatch):
     folder = _copy_cache(trained[1], tmp_path / "cache")
     head = (folder / RUN / "head.pt").read_bytes()
     (folder / RUN / "head.pt").write_bytes(head[: len(head) // 2])
-    monkeypatch.setattr("pipeline.predict.load_backbone", _never)
+    monkeypatch.setattr(sys.modules["pipeline.predict"], "load_backbone", _never)
     with pytest.raises(UserError, match="head.pt is not the one the last completed train-head wrote .*; run `make train-head` again"):
         predict(Settings(cache=tmp_path / "cache", backbone="efficientnet_lite0"), [trained[0] / "test/cat/cat0.png"])
 
