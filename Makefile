@@ -58,12 +58,13 @@ predict: ## classify IMAGES (files or folders) with the trained head; MODEL=logr
 test: ## run the whole test suite (unit, fault-injection and the integration test on ../shared/data/cats-dogs)
 	$(PYTHON) -m pytest
 
-test-fast: ## unit tests only (no fault injection, torchrun, export, 100-class reports or real data)
+test-fast: ## unit tests only (no fault injection, torchrun, export, 100-class reports, CLI in fresh processes or real data)
 	$(PYTHON) -m pytest -m "not slow and not integration"
 
 bench: ## measure stage one, time-to-head, CPU runtimes, memory, and cost against N (SCALE_N="10000 100000"); writes CACHE/bench.json and benchmarks/RESULTS.md
 	$(PYTHON) benchmarks/bench.py $(call flag,BACKBONE,backbone) $(call flag,CACHE,cache) $(call flag,DEVICE,device) \
 		$(call flag,BATCH_SIZE,batch-size) $(call flag,DATA,data)
+	$(PYTHON) benchmarks/default_path.py $(call flag,CACHE,cache)
 	$(PYTHON) benchmarks/scale.py $(call flag,CACHE,cache) $(if $(SCALE_N),--n $(SCALE_N))
 	$(PYTHON) benchmarks/results.py $(or $(CACHE),cache)
 

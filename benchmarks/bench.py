@@ -1,7 +1,7 @@
 """``make bench``: stage one against the bare forward, cached against the seed notebook's way, the CPU
 runtimes side by side, stage two alone, peak memory. Ratios, measured in one run on one machine.
 
-Prints a table and writes ``CACHE/bench.json``.
+Prints a table and writes its keys into ``CACHE/bench.json``.
 """
 
 from __future__ import annotations
@@ -316,7 +316,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     args.cache.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.cache / "bench.json", json.dumps(results, indent=2))
+    path = args.cache / "bench.json"  # other sections (default_path, scale) are kept: each script writes its own keys
+    atomic_write_text(path, json.dumps({**(json.loads(path.read_text()) if path.is_file() else {}), **results}, indent=2))
     print(render(results))
     print(f"wrote {args.cache / 'bench.json'}")
 

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench import render as stage_tables
+from default_path import render as default_path_table
 from scale import render as scale_table
 
 from pipeline.files import atomic_write_text
@@ -26,6 +27,9 @@ def results_markdown(results: dict, made: datetime) -> str:
              "Seconds on a shared machine are indicative; compare ratios within one run.", ""]
     if "stage1" in results:
         parts += ["## Stage one, time to a trained head, runtimes, memory", "", stage_tables(results), ""]
+    if "default_path" in results:
+        parts += ["## The default stage one (PRECISION=auto RUNTIME=auto) against fp32 PyTorch", "",
+                  default_path_table(results["default_path"]), ""]
     if "scale" in results:
         scale = results["scale"]
         parts += ["## Cost against the number of images", "",

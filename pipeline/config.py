@@ -15,8 +15,8 @@ from pathlib import Path
 from pipeline.errors import UserError
 from pipeline.runs import check_run_name
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-RUNTIMES = ("torch", "compile", "openvino")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RUNTIMES = ("auto", "torch", "compile", "openvino")
 STORAGES = ("float32", "float16")
 MODELS = ("head", "logreg")
 FORMATS = ("text", "csv", "json")
@@ -67,10 +67,12 @@ class Settings:
     # stage one
     device: str = _setting("auto", "auto (MPS, then CUDA, then CPU), cpu, cuda, cuda:N or mps")
     batch_size: int = _setting(32, "images per forward pass in stage one", low=1, high=2**16)
-    precision: str = _setting("fp32", "backbone arithmetic: fp32, or bf16/fp16 autocast (vectors are stored as float32 either way)",
-                              choices=PRECISIONS)
-    runtime: str = _setting("torch", "torch (eager), compile (torch.compile: a minute to compile, then faster), "
-                                     "or openvino (CPU only; pip install 'pipeline[fast-cpu]')", choices=RUNTIMES)
+    precision: str = _setting("auto", "backbone arithmetic: auto (the fastest faithful one, measured once per machine: "
+                                      "see pipeline/fastpath.py), fp32, or bf16/fp16 autocast (vectors are stored as "
+                                      "float32 either way)", choices=PRECISIONS)
+    runtime: str = _setting("auto", "auto (with PRECISION, the fastest faithful way, measured), torch (eager), compile "
+                                    "(torch.compile: a minute to compile, then faster), or openvino (CPU only; "
+                                    "pip install 'pipeline[fast-cpu]')", choices=RUNTIMES)
     storage: str = _setting("float32", "dtype of the stored vectors: float32, or float16 for half the disk", choices=STORAGES)
     workers: int = _setting(-1, "image-decoding worker processes; -1 picks from the CPU count", low=-1, high=256)
     chunk_size: int = _setting(256, "images per committed chunk; an interrupted run resumes from the last one", low=1,

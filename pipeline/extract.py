@@ -30,7 +30,7 @@ import torchvision
 from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
 
-from pipeline import distributed, faults, freshness
+from pipeline import distributed, fastpath, faults, freshness
 from pipeline.backbones import Backbone, check_weights, get_backbone, load_backbone, weights_identity
 from pipeline.config import Settings
 from pipeline.errors import UserError
@@ -38,11 +38,11 @@ from pipeline.files import check_writable, disk_full_as_user_error
 from pipeline.freshness import ExtractSummary
 from pipeline.images import ImageFiles, collate_good, file_digest, jpeg_decoder
 from pipeline.listing import AUGMENTED, NO_VIEW, BadImage, DatasetListing, augmented_views, scan_dataset
-from pipeline.inference import RUNTIME_PACKAGES, check_runtime, prepare, resolve_device, runtime_installed
+from pipeline.inference import RUNTIME_PACKAGES, check_runtime, kept_model, prepare, resolve_device, runtime_installed
 from pipeline.partial import ChunkRow, PartialRun
 from pipeline.progress import progress
 from pipeline.store import (BLOCK_ROWS, ROWS_PER_CHUNK, FeatureFiles, FeatureStore, ImageKey, Placement, SkipRecord, Source,
-                            SplitIndex, StoreWriter, features_file, reserve_bytes)
+                            SplitIndex, StoreWriter, features_file, reserve_bytes, stated_fingerprint)
 
 log = logging.getLogger(__name__)
 
@@ -396,15 +396,17 @@ def extract(settings: Settings, listing: DatasetListing | None = None) -> Extrac
                         f"(the report scores them)")
     if settings.augment > 0:
         listing.splits[AUGMENTED] = augmented_views(listing.splits["train"], settings.augment)
-    expected = fingerprint(backbone, settings)
     folder = settings.backbone_dir()
     target = features_file(folder)
     if target.exists() and not target.is_file():
         raise UserError(f"{target} is not a regular file; remove it, then run `make features` again")
     check_writable(folder)
+    record = (freshness.record_file(settings), freshness.run_key(settings, listing))  # keyed by the settings as given
+    settings, choice = fastpath.resolve(settings, backbone, device, listing, weights_identity(backbone, settings.weights),
+                                        stated_fingerprint(target), rank.distributed)
+    expected = fingerprint(backbone, settings)
     if not rank.distributed:
-        summary = _update(settings, listing, backbone, expected, FeatureFiles(target), device,
-                          (freshness.record_file(settings), freshness.run_key(settings, listing)))
+        summary = _update(settings, listing, backbone, expected, FeatureFiles(target), device, record)
     else:
         distributed.start(device)
         try:
@@ -422,6 +424,7 @@ def extract(settings: Settings, listing: DatasetListing | None = None) -> Extrac
         finally:
             distributed.stop()
     summary.seconds = time.perf_counter() - start
+    summary.ran_as = choice.line() if choice is not None else f"PRECISION={settings.precision} RUNTIME={settings.runtime}"
     return summary
 
 
@@ -459,8 +462,9 @@ def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, exp
             forward, seconds, extracted = None, {"images": 0.0, "views": 0.0}, {"images": 0, "views": 0}
             while True:
                 if plan.todo and forward is None:
+                    keep = kept_model(base.parent, backbone, expected["weights"]) if settings.runtime == "openvino" else None
                     forward = prepare(backbone, load_backbone(backbone, settings.weights), device, settings.precision,
-                                      settings.runtime)
+                                      settings.runtime, keep)
                 for name, keys in (("images", [k for k in plan.todo if k.view == NO_VIEW]),
                                    ("views", [k for k in plan.todo if k.view != NO_VIEW])):
                     started = time.perf_counter()

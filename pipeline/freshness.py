@@ -67,6 +67,7 @@ class ExtractSummary:
     up_to_date: bool = False
     size_bytes: int = 0  # the file and the segments or parts it reads
     duplicates: Duplicates = Duplicates()
+    ran_as: str = ""  # how the backbone ran when vectors were extracted: precision, runtime (and for auto, why)
 
     def describe(self, store) -> None:
         """Fill in the vector counts, skipped files and duplicates from a ``FeatureStore``."""
@@ -90,7 +91,7 @@ class ExtractSummary:
         return "\n".join([
             f"features: {state} | {sum(self.images.values())} vectors ({split_counts}) in {self.path} ({size:.1f} MB) | "
             f"reused {self.reused}, resumed {self.resumed}, removed {self.removed}{repaired}, skipped {len(self.skipped)} | "
-            f"{self.seconds:.1f} s{rate}",
+            f"{self.seconds:.1f} s{rate}" + (f" | {self.ran_as}" if self.extracted and self.ran_as else ""),
             *skipped,
             *self.duplicates.lines(),
         ])

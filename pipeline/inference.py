@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import importlib.util
+import json
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -20,6 +23,7 @@ from torch import nn
 from pipeline.backbones import Backbone
 from pipeline.config import check_value
 from pipeline.errors import UserError
+from pipeline.files import atomic_write_text, file_sha256
 
 RUNTIME_PACKAGES = {"openvino": "openvino"}  # the package a runtime needs beyond torch
 
@@ -82,26 +86,60 @@ def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def _openvino(model: nn.Module, crop: int, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    try:
-        import openvino as ov
-    except ImportError:
-        raise UserError("RUNTIME=openvino needs the openvino package; pip install 'pipeline[fast-cpu]'") from None
+def kept_model(folder: Path, backbone: Backbone, weights: str) -> Path:
+    """Where, in ``folder``, the OpenVINO model converted from ``backbone`` with ``weights`` is kept: named by what
+    makes it (backbone, weights, input size, torch and openvino versions)."""
+    import importlib.metadata
+
+    made_by = [backbone.name, weights, backbone.crop, torch.__version__, importlib.metadata.version("openvino")]
+    return Path(folder) / f"openvino-{hashlib.sha256(json.dumps(made_by).encode()).hexdigest()[:16]}"
+
+
+def _converted(model: nn.Module, crop: int, keep: Path | None):
+    """The OpenVINO model of ``model``: read from ``keep`` (``<keep>.xml`` and ``.bin``, checked against the sha256 of
+    each in ``<keep>.json``) when it holds a good copy, else converted (which traces the model: seconds) and, with
+    ``keep``, saved there for the next run. A missing, partial or damaged copy is converted again."""
+    import openvino as ov
+
+    files = {suffix: keep.with_name(keep.name + suffix) for suffix in (".xml", ".bin")} if keep else {}
+    record = keep.with_name(keep.name + ".json") if keep else None
+    if record is not None and record.is_file():
+        try:
+            if json.loads(record.read_text()) == {s: file_sha256(f) for s, f in files.items()}:
+                return ov.Core().read_model(files[".xml"])
+        except (OSError, ValueError, RuntimeError):
+            pass
     example = torch.zeros(1, 3, crop, crop, dtype=torch.uint8)
     with warnings.catch_warnings():
         # OpenVINO traces with torch.jit, which warns of its deprecation and of Normalize's constant mean and std
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         converted = ov.convert_model(model, example_input=example, input=[-1, 3, crop, crop])
+    if keep is not None:
+        with contextlib.suppress(OSError, RuntimeError):  # a copy not kept costs the next run a conversion, nothing else
+            record.unlink(missing_ok=True)
+            ov.save_model(converted, files[".xml"], compress_to_fp16=False)
+            atomic_write_text(record, json.dumps({s: file_sha256(f) for s, f in files.items()}))
+    return converted
+
+
+def _openvino(model: nn.Module, crop: int, precision: str, keep: Path | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        import openvino as ov
+    except ImportError:
+        raise UserError("RUNTIME=openvino needs the openvino package; pip install 'pipeline[fast-cpu]'") from None
     hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[precision]
-    compiled = ov.Core().compile_model(converted, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint})
+    compiled = ov.Core().compile_model(_converted(model, crop, keep), "CPU",
+                                       {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint})
     return lambda images: torch.from_numpy(np.asarray(compiled(images.numpy())[0], dtype=np.float32))
 
 
 def prepare(backbone: Backbone, model: nn.Module, device: torch.device, precision: str = "fp32",
-            runtime: str = "torch") -> Callable[[torch.Tensor], torch.Tensor]:
+            runtime: str = "torch", keep: Path | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function from a batch of uint8 images (on CPU, from ``backbone.transform()``) to float32 vectors
-    (on CPU), run the chosen way; the images are normalised on the device, as the model's first layers."""
+    (on CPU), run the chosen way; the images are normalised on the device, as the model's first layers. ``keep``:
+    where OpenVINO's converted model is kept between runs (see ``_converted``); the caller names it by what made
+    ``model`` (backbone, weights, library versions)."""
     check_value("precision", precision)
     check_value("runtime", runtime)
     check_runtime(runtime, device, precision)
@@ -109,7 +147,7 @@ def prepare(backbone: Backbone, model: nn.Module, device: torch.device, precisio
         keep_freed_memory()
     model = nn.Sequential(backbone.normalize(), model)
     if runtime == "openvino":
-        return _openvino(model, backbone.crop, precision)
+        return _openvino(model, backbone.crop, precision, keep)
     model = model.to(device, memory_format=torch.channels_last)
     if runtime == "compile":
         model = torch.compile(model, dynamic=False)

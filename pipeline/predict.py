@@ -17,10 +17,12 @@ from torch.utils.data import DataLoader
 from pipeline.backbones import Backbone, get_backbone, load_backbone, weights_identity
 from pipeline.config import Settings, check_value
 from pipeline.errors import UserError
+from pipeline.fastpath import served
 from pipeline.images import ImageFiles, collate_good
-from pipeline.inference import prepare, resolve_device
+from pipeline.inference import kept_model, prepare, resolve_device
 from pipeline.listing import NO_VIEW, BadImage, Skipped, image_stat, shown, walk_folder
 from pipeline.runs import chosen_run
+from pipeline.store import features_file, stated_fingerprint
 from pipeline.train import load_trained
 
 
@@ -69,9 +71,13 @@ def _load_model(settings: Settings, model: str):
 
 def _vectors(settings: Settings, backbone: Backbone, files: list[Path]) -> Iterator[tuple[list[int], np.ndarray | None, dict]]:
     """Stage one's vectors of ``files``, batch by batch: (indices of the decoded files, their vectors, and every
-    file's (digest, skip reason) by index); no cache."""
+    file's (digest, skip reason) by index); no cache. PRECISION and RUNTIME "auto" are those of the backbone's feature
+    file, so the vectors are made as the cached ones were."""
+    settings = served(settings, stated_fingerprint(features_file(settings.backbone_dir())))
+    keep = kept_model(settings.backbone_dir(), backbone, weights_identity(backbone, settings.weights)) \
+        if settings.runtime == "openvino" else None
     forward = prepare(backbone, load_backbone(backbone, settings.weights), resolve_device(settings.device),
-                      settings.precision, settings.runtime)
+                      settings.precision, settings.runtime, keep)
     dataset = ImageFiles(Path("/"), [(str(p.resolve()), NO_VIEW) for p in files], backbone.transform(), min_side=backbone.resize)
     loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate_good, num_workers=max(settings.workers, 0))
     for indices, images, outcomes in loader:

@@ -58,6 +58,16 @@ def backbones_with(cache: Path, pattern: str) -> list[str]:
         return []
 
 
+def stated_fingerprint(path: Path) -> dict | None:
+    """The fingerprint a feature file states, read without checking the file (None when it states none readable):
+    for a choice that opening the file, which checks everything, later confirms or refuses."""
+    try:
+        with h5py.File(path, "r") as file:
+            return json.loads(_plain(file.attrs["fingerprint"]))
+    except Exception:  # noqa: BLE001 - a missing or damaged file states nothing
+        return None
+
+
 @dataclass(frozen=True)
 class FeatureFiles:
     """The files of one feature file on disk. Single process, ``features.h5`` maps its vectors from segment files

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import fastpath
 from pipeline.cli import main
+
+MEASURED_CANDIDATES = fastpath.candidates
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "cats-dogs"
@@ -65,10 +68,34 @@ def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
 
 
+EXACT = ("--precision", "fp32", "--runtime", "torch")  # the exact path: stage one's vectors as torchvision's
+MEASURING = ("features", "all", "compare")  # commands whose PRECISION=auto RUNTIME=auto may measure and choose
+
+
 def run_cli_process(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it, in a fresh Python process."""
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
+    """The CLI as a user runs it, in a fresh Python process; commands that choose their stage-one path run the exact
+    one unless the test passes --precision or --runtime (the in-process runs get it from ``exact_by_default``)."""
+    args = tuple(map(str, args))
+    if args[0] in MEASURING and not {"--precision", "--runtime"} & set(args):
+        args = (*args, *EXACT)
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, **(env or {})}, **kwargs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def exact_by_default():
+    """PRECISION=auto RUNTIME=auto resolve to the exact path (fp32, torch) in tests, from the first fixture on: a
+    measured choice depends on timing. Tests of the choice itself are marked ``measured_path``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastpath, "candidates", lambda device, precision="auto", runtime="auto": [
+            (precision if precision != "auto" else "fp32", runtime if runtime != "auto" else "torch")])
+        yield
+
+
+@pytest.fixture(autouse=True)
+def measured_path(request, monkeypatch):
+    if "measured_path" in request.keywords:
+        monkeypatch.setattr(fastpath, "candidates", MEASURED_CANDIDATES)
 
 
 @pytest.fixture

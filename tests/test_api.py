@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import pipeline
 
@@ -102,6 +103,7 @@ def test_the_readme_api_block_runs(tmp_path, tiny_data, monkeypatch):
     assert namespace["embedded"].vectors.shape == (4, 1280) and namespace["embedded"].skipped == []
 
 
+@pytest.mark.slow  # fresh processes: the CLI as users run it
 def test_the_library_is_quiet_by_default_and_speaks_through_logging(tmp_path, tiny_data):
     from conftest import run_cli_process
 

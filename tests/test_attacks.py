@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, make_images, run_cli, run_cli_process, run_folder, tmpfs
+from conftest import EXACT, REPO, make_images, run_cli, run_cli_process, run_folder, tmpfs
 from pipeline import extract as extract_module
 from pipeline.config import Settings
 from pipeline.errors import UserError
@@ -359,7 +359,7 @@ def small_disk(tmp_path):
 def test_a_disk_that_fills_during_assembly_is_one_line_and_leaves_no_temporary(clean, small_disk):
     data, _ = clean
     result = subprocess.run([sys.executable, "-m", "pipeline", "features", "--data", str(data), "--cache", str(small_disk),
-                             *LITE, "--chunk-size", "8"], capture_output=True, text=True, cwd=REPO)
+                             *LITE, "--chunk-size", "8", *EXACT], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert "disk full" in result.stderr and "Traceback" not in result.stderr
     assert not list(small_disk.rglob("*.tmp")) and not (small_disk / "efficientnet_lite0" / "features.h5").exists()

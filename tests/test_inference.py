@@ -121,3 +121,24 @@ def test_float16_storage_halves_the_vectors_and_keeps_their_values(tmp_path, tin
     with h5py.File(tmp_path / "float32/efficientnet_lite0/features.h5") as a, h5py.File(tmp_path / "float16/efficientnet_lite0/features.h5") as b:
         assert b["train/features"].dtype == np.float16
         np.testing.assert_allclose(b["train/features"][()].astype(np.float32), a["train/features"][()], rtol=2e-3, atol=1e-3)
+
+
+def test_openvino_keeps_its_converted_model_and_converts_again_when_it_is_damaged(lite0, images, expected, tmp_path,
+                                                                                   monkeypatch):
+    ov = pytest.importorskip("openvino")
+    keep = tmp_path / "openvino-x"
+    first = prepare(*lite0, CPU, runtime="openvino", keep=keep)(images)
+    assert {p.name for p in tmp_path.iterdir()} == {"openvino-x.xml", "openvino-x.bin", "openvino-x.json"}
+    convert = ov.convert_model
+    conversions = []
+    monkeypatch.setattr(ov, "convert_model", lambda *a, **k: conversions.append(1) or convert(*a, **k))
+    torch.testing.assert_close(prepare(*lite0, CPU, runtime="openvino", keep=keep)(images), first, rtol=1e-4, atol=1e-5)
+    assert conversions == []  # read back, not converted
+    weights = bytearray((tmp_path / "openvino-x.bin").read_bytes())
+    weights[len(weights) // 2] ^= 0xFF
+    (tmp_path / "openvino-x.bin").write_bytes(weights)
+    again = prepare(*lite0, CPU, runtime="openvino", keep=keep)(images)
+    assert conversions == [1]  # the flipped bit is seen: converted again, and kept again
+    torch.testing.assert_close(again, expected, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(prepare(*lite0, CPU, runtime="openvino", keep=keep)(images), again, rtol=1e-4, atol=1e-5)
+    assert conversions == [1]

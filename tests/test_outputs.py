@@ -112,6 +112,7 @@ def test_a_disk_filling_up_midway_leaves_the_previous_outputs(trained, tmp_path,
     assert head.n_classes_ == 2
 
 
+@pytest.mark.slow  # fresh processes: the CLI as users run it
 def test_a_full_tmpfs_is_one_line_and_keeps_the_previous_head_and_report(trained, tmp_path):
     outputs = TRAIN_OUTPUTS + REPORT_OUTPUTS
     size = _pages(trained[1]) + 2 * PAGE

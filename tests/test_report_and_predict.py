@@ -74,6 +74,7 @@ def test_report_html_loads_with_all_its_images_in_headless_chromium(trained, tmp
     assert pixels.shape == (3000, 1200) and pixels.std() > 20  # a rendered page, not a blank one
 
 
+@pytest.mark.slow  # fresh processes: the CLI as users run it
 def test_predict_classifies_files_and_folders_in_every_format(trained):
     data, cache, _ = trained
     common = ["--cache", cache, *LITE]
@@ -90,6 +91,7 @@ def test_predict_classifies_files_and_folders_in_every_format(trained):
         ("dog4.png", "dog"), ("moved-cat0.png", "cat"), ("moved-cat1.png", "cat")]
 
 
+@pytest.mark.slow  # fresh processes: the CLI as users run it
 def test_predict_reports_bad_images_and_refuses_a_foreign_head(trained, tmp_path):
     data, cache, _ = trained
     (tmp_path / "broken.jpg").write_bytes(b"")
@@ -135,6 +137,7 @@ def test_augmented_views_are_cached_incrementally_and_reported(tmp_path, tiny_da
     assert "Augmentation: head trained with 3 cached augmented views" in (cache / "efficientnet_lite0/report.md").read_text()
 
 
+@pytest.mark.slow  # fresh processes: the CLI as users run it
 def test_compare_runs_each_backbone_and_reports_unavailable_ones(tmp_path, tiny_data):
     result = run_cli_process("compare", "--data", tiny_data, "--cache", tmp_path / "cache", "--epochs", "2",
                              "--backbones", "efficientnet_lite0 efficientnet_lite1 densenet121",
