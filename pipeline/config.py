@@ -96,7 +96,7 @@ class Settings:
                                    low=0, high=1, low_open=True, high_open=True)
     cv_folds: int = _setting(0, "0 or 1: the baseline's C is chosen on the validation split; k: by stratified k-fold "
                                 "cross-validation when train holds at most 20,000 vectors (fewer folds when a class has "
-                                "fewer images; 3-7x the baseline's time)",
+                                "fewer images; several times the baseline's time)",
                              low=0, high=100)
     final_fit: str = _setting("auto", "what head and baseline are fitted on once the epoch and C are chosen: "
                                       "train+val (all of train), train (without the validation split) or auto "

@@ -36,7 +36,7 @@ def runtime_installed(runtime: str) -> bool:
 
 def check_runtime(runtime: str, device: torch.device, precision: str = "fp32") -> None:
     """Refuse, before any work, a runtime that cannot run here (its package missing, or not on this device), and
-    PyTorch's fp16 on a CPU, which has no fast float16 kernels (``make bench``: about 10x slower than fp32)."""
+    PyTorch's fp16 on a CPU, which has no fast float16 kernels (``make bench`` measures it against fp32)."""
     if not runtime_installed(runtime):
         raise UserError(f"RUNTIME={runtime} needs the {RUNTIME_PACKAGES[runtime]} package; pip install 'pipeline[fast-cpu]' "
                         f"or pass RUNTIME=torch")
@@ -69,7 +69,7 @@ def resolve_device(name: str) -> torch.device:
 
 def keep_freed_memory() -> None:
     """Stop glibc from unmapping every large freed tensor: on CPU each forward otherwise page-faults its
-    activations back in (``make bench`` measured this at about half of stage one's time). Linux/glibc only."""
+    activations back in (benchmarks/NOTES.md says what that cost). Linux/glibc only."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL("libc.so.6")

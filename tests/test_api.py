@@ -11,6 +11,7 @@ import pytest
 import pipeline
 
 
+@pytest.mark.slow  # fresh process
 def test_import_pipeline_loads_no_heavy_library_and_lists_its_api():
     code = ("import sys, pipeline; print(sorted(m for m in ('torch', 'h5py', 'sklearn', 'matplotlib') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

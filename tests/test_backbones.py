@@ -28,7 +28,8 @@ def _save_state(model: torch.nn.Module, path, rename=lambda key: key):
     return path
 
 
-@pytest.mark.parametrize("name", ["densenet121", "resnet50", "vgg16", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+@pytest.mark.parametrize("name", ["densenet121", "resnet50", pytest.param("vgg16", marks=pytest.mark.slow), "efficientnet_lite0",
+                                  "efficientnet_lite1", "efficientnet_lite2"])
 def test_each_backbone_yields_vectors_of_its_declared_size(tmp_path, name):
     backbone = get_backbone(name)
     weights = _save_state(backbone.build(), tmp_path / "random.pth")

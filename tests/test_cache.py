@@ -86,6 +86,7 @@ def test_other_weights_or_force_rebuild_everything(tmp_path, tiny_data, capsys):
     assert "weights changed" in out and "extracted 28 " in out
 
 
+@pytest.mark.slow  # a second process
 def test_a_second_run_on_the_same_cache_stops_with_a_clear_message(tmp_path, tiny_data):
     folder = tmp_path / "cache" / "efficientnet_lite0"
     folder.mkdir(parents=True)
@@ -139,6 +140,7 @@ def _damage(path, how: str) -> None:
             f.attrs["complete"] = False
 
 
+@pytest.mark.slow  # fault injection
 @pytest.mark.parametrize("how, message", [("truncated", "corrupted or truncated"), ("garbage", "corrupted or truncated"),
                                           ("incomplete", "incomplete")])
 def test_damaged_caches_are_refused_by_stage_two_and_rebuilt_by_stage_one(tmp_path, tiny_data, how, message, capsys):
@@ -185,6 +187,7 @@ def tiny_disk(tmp_path):
         yield mount
 
 
+@pytest.mark.slow  # fault injection
 def test_a_full_disk_is_a_clear_error_and_leaves_nothing_half_written(tiny_data, tiny_disk):
     result = run_cli_process("features", "--data", tiny_data, "--cache", tiny_disk, *LITE, "--chunk-size", "4",
                              "--batch-size", "4")

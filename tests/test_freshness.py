@@ -108,6 +108,7 @@ def test_under_torchrun_the_record_is_not_used(cached, monkeypatch):
     assert fresh_summary(cached, scan_dataset(cached.data)) is None
 
 
+@pytest.mark.slow  # fault injection
 def test_a_killed_update_leaves_no_record(cached):
     _new_class(cached)
     result = run_cli_process("features", "--data", cached.data, "--cache", cached.cache, "--backbone", cached.backbone,

@@ -81,6 +81,7 @@ def test_openvino_matches_the_plain_forward(lite0, images, expected, precision, 
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow  # compiles
 def test_torch_compile_matches_the_plain_forward_and_pads_a_short_last_batch(lite0, images, expected):
     forward = prepare(*lite0, CPU, runtime="compile")
     torch.testing.assert_close(forward(images), expected, rtol=1e-3, atol=1e-4)

@@ -225,6 +225,7 @@ def test_compare_refuses_no_backbones_and_keeps_its_tables_when_the_disk_fills(t
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.slow  # fresh process
 def test_importing_the_plots_switches_no_matplotlib_backend():
     """A notebook's backend stays its own: the report draws on pyplot-free figures."""
     code = ("import matplotlib; matplotlib.use('svg'); import pipeline.plots, pipeline.report; "

@@ -79,6 +79,7 @@ def test_same_seed_same_numbers(tmp_path, tiny_data):
     assert coef_a == coef_b and hist_a == hist_b
 
 
+@pytest.mark.slow  # fresh process
 @pytest.mark.parametrize("command", ["train-head", "report"])
 def test_stage_two_refuses_a_missing_cache(tmp_path, command):
     result = run_cli_process(command, "--cache", tmp_path / "nowhere", *LITE)
@@ -93,6 +94,7 @@ def test_bad_input_is_one_line_exit_2_and_debug_shows_the_traceback(tmp_path):
     assert debug.returncode == 2 and "Traceback" in debug.stderr
 
 
+@pytest.mark.slow  # fresh process
 def test_unknown_backbone_through_the_cli(tmp_path, tiny_data):
     result = run_cli_process("features", "--data", tiny_data, "--backbone", "alexnet", "--cache", tmp_path)
     assert result.returncode == 2 and "unknown backbone 'alexnet'" in result.stderr and "densenet121" in result.stderr
