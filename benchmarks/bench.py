@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -227,7 +228,8 @@ def main() -> None:
         data = subset(args.data, work / "data", args.images, 16)
         weights = weights_for(args.backbone, work)
         settings = Settings(data=data, cache=work / "cache", backbone=args.backbone, weights=weights,
-                            batch_size=args.batch_size, device=args.device)
+                            batch_size=args.batch_size, device=args.device, precision="fp32", runtime="torch")
+        # fp32 PyTorch throughout, as the bare forward it is compared with; the default path has its own section
 
         # 1. stage one against the bare forward, each backbone on the whole dataset
         results["stage1"] = {"backbone": args.backbone, "batch_size": args.batch_size,
@@ -310,7 +312,7 @@ def main() -> None:
                                   "--backbone", args.backbone, "--device", args.device, *(["--weights", str(weights)] if weights else [])],
                                  cwd=REPO, capture_output=True, text=True, check=True)
             line = next(l for l in run.stdout.splitlines() if l.startswith("features: "))
-            seconds = float(line.rsplit("| ", 1)[1].split(" s")[0])
+            seconds = float(re.search(r"\| ([0-9.]+) s", line).group(1))  # the run's seconds on its summary line
             results["scaling"][str(nproc)] = {"seconds": seconds, "img_s": summary.extracted / seconds}
     finally:
         shutil.rmtree(work, ignore_errors=True)

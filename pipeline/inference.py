@@ -124,14 +124,29 @@ def _converted(model: nn.Module, crop: int, keep: Path | None):
 
 
 def _openvino(model: nn.Module, crop: int, precision: str, keep: Path | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """OpenVINO on the CPU in throughput mode: each batch is split over the compiled model's parallel streams (one
+    infer request each, run at once), which keeps the cores busier than one request over all of them; the rows come
+    back in order, each computed as a latency-mode run computes it."""
     try:
         import openvino as ov
     except ImportError:
         raise UserError("RUNTIME=openvino needs the openvino package; pip install 'pipeline[fast-cpu]'") from None
     hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[precision]
     compiled = ov.Core().compile_model(_converted(model, crop, keep), "CPU",
-                                       {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint})
-    return lambda images: torch.from_numpy(np.asarray(compiled(images.numpy())[0], dtype=np.float32))
+                                       {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": hint})
+    requests = ov.AsyncInferQueue(compiled, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    parts: dict[int, np.ndarray] = {}
+    requests.set_callback(lambda request, i: parts.__setitem__(i, request.get_output_tensor(0).data.copy()))
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        parts.clear()
+        pieces = [p for p in np.array_split(images.numpy(), len(requests)) if len(p)]
+        for i, piece in enumerate(pieces):
+            requests.start_async(piece, i)
+        requests.wait_all()
+        return torch.from_numpy(np.concatenate([parts[i] for i in range(len(pieces))]).astype(np.float32, copy=False))
+
+    return run
 
 
 def prepare(backbone: Backbone, model: nn.Module, device: torch.device, precision: str = "fp32",
