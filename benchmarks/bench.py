@@ -311,8 +311,9 @@ def main() -> None:
                                   "-m", "pipeline", "features", "--data", str(data), "--cache", str(work / f"nproc{nproc}"),
                                   "--backbone", args.backbone, "--device", args.device, *(["--weights", str(weights)] if weights else [])],
                                  cwd=REPO, capture_output=True, text=True, check=True)
-            line = next(l for l in run.stdout.splitlines() if l.startswith("features: "))
-            seconds = float(re.search(r"\| ([0-9.]+) s", line).group(1))  # the run's seconds on its summary line
+            # the run's seconds, on its summary line (other "features: " lines say what it measured or rebuilt)
+            seconds = next(float(m.group(1)) for l in run.stdout.splitlines()
+                           if l.startswith("features: ") and (m := re.search(r"\| ([0-9.]+) s", l)))
             results["scaling"][str(nproc)] = {"seconds": seconds, "img_s": summary.extracted / seconds}
     finally:
         shutil.rmtree(work, ignore_errors=True)
