@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline import plots
 from pipeline.config import Settings
+from pipeline.errors import UserError
 from pipeline.files import atomic_write_text, check_writable
 from pipeline.runs import SWEPT, RunScore, derived_name
 from pipeline.train import fit_baseline, fit_head, read_training_set, save_run
@@ -29,9 +30,12 @@ SWEEP_PLOT = "sweep.png"
 
 
 def grid_settings(settings: Settings, grid: dict[str, list]) -> list[Settings]:
-    """One Settings per combination of the grid's values (every one checked before any work), named by
-    ``derived_name``; settings not in the grid keep their value."""
-    combinations = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    """One Settings per combination of the grid's values (repeated values once; every one checked before any work),
+    named by ``derived_name``; settings not in the grid keep their value."""
+    for name, values in grid.items():
+        if not values:
+            raise UserError(f"--{name} has no value; pass at least one, e.g. {name.upper()}=\"{getattr(settings, name)}\"")
+    combinations = [dict(zip(grid, values)) for values in itertools.product(*(dict.fromkeys(v) for v in grid.values()))]
     return [replace(settings, run=derived_name(replace(settings, **c)), **c) for c in combinations]
 
 

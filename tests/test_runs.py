@@ -70,6 +70,9 @@ def test_grid_settings_are_every_combination_checked_before_any_work():
     assert all(r.run == derived_name(r) for r in runs)
     with pytest.raises(UserError, match="--dropout"):
         grid_settings(Settings(), {"dropout": [0.1, 1.5]})
+    with pytest.raises(UserError, match="--lr has no value"):
+        grid_settings(Settings(), {"lr": [], "seed": [0]})
+    assert [r.lr for r in grid_settings(Settings(), {"lr": [0.01, 0.01, 0.1]})] == [0.01, 0.1]
 
 
 def test_sweep_trains_the_grid_on_one_split_and_keeps_every_run(cached, tmp_path, monkeypatch):
