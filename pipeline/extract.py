@@ -60,11 +60,12 @@ def library_versions(runtime: str = "torch") -> dict[str, str]:
     return versions
 
 
-def fingerprint(backbone: Backbone, settings: Settings) -> dict:
-    """What produced the vectors; a cache whose fingerprint differs is rebuilt, never reused."""
+def fingerprint(backbone: Backbone, settings: Settings, weights: str) -> dict:
+    """What produced the vectors (``weights``: their ``weights_identity``); a cache whose fingerprint differs is
+    rebuilt, never reused."""
     return {
         "backbone": backbone.name,
-        "weights": weights_identity(backbone, settings.weights),
+        "weights": weights,
         "transform": f"{backbone.transform()!r} then {backbone.normalize()!r}",
         "decode": f"RGB, EXIF-rotated, JPEG draft to >= {backbone.resize}px, plain JPEGs by "
                   f"{'torchcodec' if jpeg_decoder() is not None else 'Pillow'}",
@@ -402,9 +403,10 @@ def extract(settings: Settings, listing: DatasetListing | None = None) -> Extrac
         raise UserError(f"{target} is not a regular file; remove it, then run `make features` again")
     check_writable(folder)
     record = (freshness.record_file(settings), freshness.run_key(settings, listing))  # keyed by the settings as given
-    settings, choice = fastpath.resolve(settings, backbone, device, listing, weights_identity(backbone, settings.weights),
-                                        stated_fingerprint(target), rank.distributed)
-    expected = fingerprint(backbone, settings)
+    weights = weights_identity(backbone, settings.weights)  # a file's sha256: computed once
+    settings, choice = fastpath.resolve(settings, backbone, device, listing, weights, stated_fingerprint(target),
+                                        rank.distributed)
+    expected = fingerprint(backbone, settings, weights)
     if not rank.distributed:
         summary = _update(settings, listing, backbone, expected, FeatureFiles(target), device, record)
     else:
@@ -462,9 +464,8 @@ def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, exp
             forward, seconds, extracted = None, {"images": 0.0, "views": 0.0}, {"images": 0, "views": 0}
             while True:
                 if plan.todo and forward is None:
-                    keep = kept_model(base.parent, backbone, expected["weights"]) if settings.runtime == "openvino" else None
                     forward = prepare(backbone, load_backbone(backbone, settings.weights), device, settings.precision,
-                                      settings.runtime, keep)
+                                      settings.runtime, kept_model(base.parent, backbone, expected["weights"]))
                 for name, keys in (("images", [k for k in plan.todo if k.view == NO_VIEW]),
                                    ("views", [k for k in plan.todo if k.view != NO_VIEW])):
                     started = time.perf_counter()

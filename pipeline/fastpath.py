@@ -80,27 +80,26 @@ class PathChoice:
         return f"PRECISION={self.precision} RUNTIME={self.runtime} (auto, {self.reason}{measured})"
 
 
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The value of ``field`` in /proc/cpuinfo (its first processor); None where there is no such file (not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), "")
     except OSError:
-        return platform.processor()
+        return None
 
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bfloat16 instructions (AMX or AVX512-BF16; Apple silicon has them too)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
+    flags = _cpuinfo("flags")
+    if flags is None:
         return platform.machine() == "arm64" and platform.system() == "Darwin"
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags.split()))
 
 
 def machine(settings: Settings, device: torch.device, weights: str) -> dict:
     """What a measured choice holds for: it is measured again when any of these differ."""
-    key = {"cpu": _cpu_model(), "cores": os.cpu_count(), "device": str(device), "torch": torch.__version__,
+    key = {"cpu": _cpuinfo("model name") or platform.processor(), "cores": os.cpu_count(), "device": str(device), "torch": torch.__version__,
            "weights": weights, "batch_size": settings.batch_size}
     if device.type == "cuda":
         key["accelerator"] = torch.cuda.get_device_name(device)
@@ -138,12 +137,12 @@ def _calibration_batch(listing: DatasetListing, backbone: Backbone) -> torch.Ten
 
 
 def _measure(backbone: Backbone, model: torch.nn.Module, device: torch.device, pairs: list[tuple[str, str]],
-             images: torch.Tensor, keep: Path | None) -> list[Measured]:
+             images: torch.Tensor, keep: Path) -> list[Measured]:
     """Each pair's speed on ``images`` (after a warm-up run) and its vectors' cosine to those of the first pair;
     ``keep``: where OpenVINO's converted model is kept (stage one reads it back)."""
     measured, reference = [], None
     for precision, runtime in pairs:
-        forward = prepare(backbone, model, device, precision, runtime, keep if runtime == "openvino" else None)
+        forward = prepare(backbone, model, device, precision, runtime, keep)
         forward(images)
         start = time.perf_counter()
         vectors = forward(images)
@@ -190,8 +189,8 @@ def resolve(settings: Settings, backbone: Backbone, device: torch.device, listin
     else:
         log.info(f"features: measuring {len(pairs)} ways to run {backbone.name} on {len(images)} of your images "
                  f"(once per machine; kept in {path})")
-        keep = kept_model(settings.backbone_dir(), backbone, weights) if any(r == "openvino" for _, r in pairs) else None
-        measured = _measure(backbone, load_backbone(backbone, settings.weights), device, pairs, images, keep)
+        measured = _measure(backbone, load_backbone(backbone, settings.weights), device, pairs, images,
+                            kept_model(settings.backbone_dir(), backbone, weights))
         choice = PathChoice(*choose(measured, allowed), f"measured on this machine, {PATH_FILE}", measured, key)
         with disk_full_as_user_error(path.parent, "features"):
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -88,10 +88,11 @@ def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 def kept_model(folder: Path, backbone: Backbone, weights: str) -> Path:
     """Where, in ``folder``, the OpenVINO model converted from ``backbone`` with ``weights`` is kept: named by what
-    makes it (backbone, weights, input size, torch and openvino versions)."""
+    makes it (backbone, weights, input size, torch and openvino versions). Only RUNTIME=openvino reads or writes it."""
     import importlib.metadata
 
-    made_by = [backbone.name, weights, backbone.crop, torch.__version__, importlib.metadata.version("openvino")]
+    openvino = importlib.metadata.version("openvino") if runtime_installed("openvino") else "missing"
+    made_by = [backbone.name, weights, backbone.crop, torch.__version__, openvino]
     return Path(folder) / f"openvino-{hashlib.sha256(json.dumps(made_by).encode()).hexdigest()[:16]}"
 
 

@@ -69,15 +69,14 @@ def _load_model(settings: Settings, model: str):
     return classifier, saved
 
 
-def _vectors(settings: Settings, backbone: Backbone, files: list[Path]) -> Iterator[tuple[list[int], np.ndarray | None, dict]]:
+def _vectors(settings: Settings, backbone: Backbone, weights: str,
+             files: list[Path]) -> Iterator[tuple[list[int], np.ndarray | None, dict]]:
     """Stage one's vectors of ``files``, batch by batch: (indices of the decoded files, their vectors, and every
     file's (digest, skip reason) by index); no cache. PRECISION and RUNTIME "auto" are those of the backbone's feature
     file, so the vectors are made as the cached ones were."""
     settings = served(settings, stated_fingerprint(features_file(settings.backbone_dir())))
-    keep = kept_model(settings.backbone_dir(), backbone, weights_identity(backbone, settings.weights)) \
-        if settings.runtime == "openvino" else None
     forward = prepare(backbone, load_backbone(backbone, settings.weights), resolve_device(settings.device),
-                      settings.precision, settings.runtime, keep)
+                      settings.precision, settings.runtime, kept_model(settings.backbone_dir(), backbone, weights))
     dataset = ImageFiles(Path("/"), [(str(p.resolve()), NO_VIEW) for p in files], backbone.transform(), min_side=backbone.resize)
     loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate_good, num_workers=max(settings.workers, 0))
     for indices, images, outcomes in loader:
@@ -100,7 +99,7 @@ def embed(settings: Settings, inputs: list[Path | str]) -> Embedded:
     backbone = get_backbone(settings.backbone)
     files, skipped = image_files([Path(i) for i in inputs])
     rows: dict[int, np.ndarray] = {}
-    for indices, vectors, outcomes in _vectors(settings, backbone, files):
+    for indices, vectors, outcomes in _vectors(settings, backbone, weights_identity(backbone, settings.weights), files):
         rows |= dict(zip(indices, vectors)) if vectors is not None else {}
         skipped += [Prediction(str(files[i]), skipped=reason) for i, (_, reason) in outcomes.items() if reason]
     kept = sorted(rows)
@@ -129,7 +128,7 @@ def predict(settings: Settings, inputs: list[Path], model: str = "head", top_k: 
                         f"pass image files or folders holding them (IMAGES=...)")
     classes = saved["classes"]
     by_index: dict[int, Prediction] = {}
-    for indices, vectors, outcomes in _vectors(settings, backbone, files):
+    for indices, vectors, outcomes in _vectors(settings, backbone, weights, files):
         for i, (_, reason) in outcomes.items():
             if reason:
                 by_index[i] = Prediction(str(files[i]), skipped=reason)

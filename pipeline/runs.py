@@ -84,11 +84,15 @@ class RunScore:
         return self.head_val_accuracy, -self.head_val_loss
 
 
+def best_first(scores) -> list[RunScore]:
+    """``scores`` ordered best on validation first (``RunScore.rank``; ties: by name)."""
+    return sorted(scores, key=lambda r: (tuple(-v for v in r.rank()), r.name))
+
+
 def trained_runs(settings) -> list[RunScore]:
-    """Every run of the backbone with a training record, best on validation first (ties: by name)."""
+    """Every run of the backbone with a training record, best on validation first."""
     folder = runs_dir(settings)
-    found = sorted(d for d in folder.iterdir() if (d / TRAINING_FILE).is_file()) if folder.is_dir() else []
-    return sorted((RunScore.of(d) for d in found), key=lambda r: (tuple(-v for v in r.rank()), r.name))
+    return best_first(RunScore.of(d) for d in folder.iterdir() if (d / TRAINING_FILE).is_file()) if folder.is_dir() else []
 
 
 def chosen_run(settings) -> Path:

@@ -19,7 +19,7 @@ from pipeline import plots
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text, check_writable
-from pipeline.runs import SWEPT, RunScore, derived_name
+from pipeline.runs import SWEPT, RunScore, best_first, derived_name
 from pipeline.train import fit_baseline, fit_head, read_training_set, save_run
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def sweep(settings: Settings, grid: dict[str, list], data: Path | None = None) -
         log.info(f"sweep: run {i}/{len(runs)}: {run.run}")
         head, head_seconds = fit_head(run, training)
         scores.append(RunScore.of(save_run(run, training, head, head_seconds, baseline, baseline_seconds)))
-    scores.sort(key=lambda r: (tuple(-v for v in r.rank()), r.name))
+    scores = best_first(scores)
     folder = settings.backbone_dir()
     plots.sweep_scores(scores, folder / SWEEP_PLOT)
     atomic_write_text(folder / SWEEP_FILE, json.dumps({"grid": grid, "split_seed": first.seed,
