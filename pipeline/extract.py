@@ -266,15 +266,15 @@ def _split_rows(split: str, listing: DatasetListing, plan: Plan, old_digests: di
     return out
 
 
-MAX_SEGMENTS = 16  # a segmented file with more, or more dead rows than live ones, or more runs than MAX_RUNS, is compacted
-MAX_RUNS = 4096
+MAX_SEGMENTS = 16  # an update that would leave more copies the smallest segments into its new one
+MAX_RUNS = 4096  # a mapping broken into more runs (each a mapping of the virtual dataset) is compacted into one segment
 
 
 def _assemble(location: FeatureFiles, attrs: dict, listing: DatasetListing, plan: Plan, previous: FeatureStore | None,
               partial: PartialRun, feature_dim: int, dtype: type) -> Path:
     """Write the updated file and return its path: a plain file, or (segmented) a new segment holding the new vectors
-    and a new ``features.h5`` mapping every row from the segments. A segmented file is compacted into one segment when
-    its segments hold too many dead rows, runs or files."""
+    (and those of the old segments it replaces, see ``_rewritten``) and a new ``features.h5`` mapping every row from
+    the segments by runs."""
     old_digests = _stored_digests(previous) if previous is not None else {}
     splits = {split: _split_rows(split, listing, plan, old_digests, partial) for split in listing.splits}
     path_bytes = sum(len(os.fsencode(key.path)) for rows in splits.values() for key, _, _ in rows.rows)
@@ -289,22 +289,23 @@ def _assemble(location: FeatureFiles, attrs: dict, listing: DatasetListing, plan
     own_segments = {p.name for p in location.segments()}
     mapped = (previous is not None and previous.sources and all(s.name in own_segments for s in previous.sources)
               and all(previous.placement(s) is not None for s in previous.splits))
-    layout = _layout(splits, previous if mapped else None)
-    if layout is None:
-        layout = _layout(splits, None)
-    new_rows, sources, placements = layout
+    kept = previous if mapped else None
+    new_rows, sources, placements = _layout(splits, kept, _rewritten(splits, kept))
     if any(len(rows) for rows in new_rows.values()):
         segment = location.new_segment()
         n_new = sum(len(picked) for picked in new_rows.values())
-        with StoreWriter(segment, attrs, reserve=reserve_bytes(n_new, path_bytes, feature_dim, dtype)) as writer:
+        new_bytes = sum(len(os.fsencode(rows.rows[i][0].path)) for split, rows in splits.items() for i in new_rows[split])
+        with StoreWriter(segment, attrs, reserve=reserve_bytes(n_new, new_bytes, feature_dim, dtype)) as writer:
             for split, rows in splits.items():
                 picked = new_rows[split]
                 _write_vectors(writer.add_split(split, rows.index(picked), feature_dim, dtype), split,
                                [rows.sources[i] for i in picked], previous, partial)
             writer.commit()
         sources.append(Source(segment.name, writer.digest, {split: len(picked) for split, picked in new_rows.items()}))
-    with StoreWriter(location.base, attrs, sources=sources, reserve=reserve_bytes(0, path_bytes, feature_dim, dtype) +
-                     16 * n_rows) as index:
+    runs = sum(len(p.run_array()) for p in placements.values())
+    skipped_bytes = sum(len(os.fsencode(s.path + s.reason)) for rows in splits.values() for s in rows.skipped)
+    with StoreWriter(location.base, attrs, sources=sources, reserve=reserve_bytes(0, skipped_bytes, feature_dim, dtype) +
+                     256 * runs) as index:
         for split, rows in splits.items():
             index.add_mapped_split(split, rows.index(), placements[split], feature_dim, dtype)
         faults.reached("assembly")
@@ -314,37 +315,57 @@ def _assemble(location: FeatureFiles, attrs: dict, listing: DatasetListing, plan
     return location.base
 
 
-def _layout(splits: dict[str, SplitRows], previous: FeatureStore | None
-            ) -> tuple[dict[str, np.ndarray], list[Source], dict[str, Placement]] | None:
-    """Where each row's vector will lie: rows kept in ``previous``'s segments (None: every row goes to a new segment),
-    as (rows for the new segment, the kept sources, placements with the new segment numbered last); None when
-    keeping them is not worth it (see ``MAX_SEGMENTS``)."""
+def _rewritten(splits: dict[str, SplitRows], previous: FeatureStore | None) -> set[int] | None:
+    """Which of ``previous``'s segments the update copies into its new segment (None: all of them, or no previous):
+    those holding more dead rows than live ones, then the smallest while more than ``MAX_SEGMENTS`` would remain;
+    all when the mapping would break into more than ``MAX_RUNS`` runs. So an append writes its own rows (the segments
+    stay few by merging the small ones, each row copied about log(updates) times) and never rewrites a big segment
+    that is still mostly live."""
+    if previous is None:
+        return None
+    _, sources, placements = _layout(splits, previous, set())
+    if sum(len(p.run_array()) for p in placements.values()) > MAX_RUNS:
+        return None
+    numbers = {s.name: n for n, s in enumerate(previous.sources)}
+    live = {numbers[s.name]: 0 for s in sources}
+    for placement in placements.values():
+        for kept, count in zip(*np.unique(placement.sources, return_counts=True)):
+            if kept < len(sources):
+                live[numbers[sources[kept].name]] += int(count)
+    rewrite = {n for n, count in live.items() if 2 * count < sum(previous.sources[n].rows.values())}
+    for n in sorted(set(live) - rewrite, key=lambda n: (live[n], n))[:max(0, len(live) - len(rewrite) + 1 - MAX_SEGMENTS)]:
+        rewrite.add(n)
+    return rewrite
+
+
+def _layout(splits: dict[str, SplitRows], previous: FeatureStore | None, rewrite: set[int] | None
+            ) -> tuple[dict[str, np.ndarray], list[Source], dict[str, Placement]]:
+    """Where each row's vector will lie: rows kept where they are in ``previous``'s segments but those in ``rewrite``
+    (None: every row goes to the new segment), as (rows for the new segment, the kept sources, placements with the new
+    segment numbered last)."""
     old_sources = previous.sources if previous is not None else []
     placements, new_rows, used = {}, {}, set()
     for split, rows in splits.items():
-        old = previous.placement(split) if previous is not None and split in previous.splits else None
+        old = previous.placement(split) if previous is not None and rewrite is not None and split in previous.splits else None
         where = np.array([s if isinstance(s, int) and old is not None else -1 for _, s in rows.sources], dtype=np.int64)
         kept = where >= 0
         source = np.full(len(where), len(old_sources), dtype=np.int64)
         row = np.zeros(len(where), dtype=np.int64)
         if old is not None:
             source[kept], row[kept] = old.sources[where[kept]], old.rows[where[kept]]
+            if rewrite:
+                kept &= ~np.isin(source, list(rewrite))
+                source[~kept] = len(old_sources)
         row[~kept] = np.arange(int((~kept).sum()))
         new_rows[split] = np.flatnonzero(~kept)
         placements[split] = Placement(source, row)
         used |= set(source[kept].tolist())
-    renumber = {old: new for new, old in enumerate(sorted(used))}
+    renumber = np.zeros(len(old_sources) + 1, dtype=np.int64)
+    renumber[sorted(used)] = np.arange(len(used))
     renumber[len(old_sources)] = len(used)
     for placement in placements.values():
-        placement.sources = np.array([renumber[s] for s in placement.sources.tolist()], dtype=np.int64)
-    sources = [old_sources[s] for s in sorted(used)]
-    if previous is not None:
-        live = sum(len(rows.rows) for rows in splits.values())
-        stored = sum(sum(s.rows.values()) for s in sources) + sum(len(r) for r in new_rows.values())
-        runs = sum(len(p.runs()) for p in placements.values())
-        if len(sources) + 1 > MAX_SEGMENTS or stored > 2 * live or runs > MAX_RUNS:
-            return None
-    return new_rows, sources, placements
+        placement.sources = renumber[placement.sources]
+    return new_rows, [old_sources[s] for s in sorted(used)], placements
 
 
 def _write_vectors(dataset, split: str, sources: list[tuple[ImageKey, int | ChunkRow]], previous: FeatureStore | None,

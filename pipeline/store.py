@@ -2,14 +2,18 @@
 
 Layout: one group per split (``train``, ``test``, ``train_aug``) with ``features`` [N, D], and the index.
 In a plain file (a segment, a torchrun part, a merged file) ``features`` is chunked and each chunk checksummed
-by HDF5's fletcher32 filter; in a mapped file (``features.h5``, a torchrun join) it is a virtual dataset over
-its ``sources`` (attribute: name, content digest and rows of each), row i being row ``source_row[i]`` of source
-``source[i]``. The index: ``paths`` [N] (relative to DATA, the file name's bytes as the file system gives
-them), ``views`` [N] (-1 for the image itself, k for augmented view k), ``labels``, ``sizes``/``mtimes``
-(the file stamp each vector was made from), ``digests`` [N, 16] (blake2b of the file's bytes) and
-``skipped`` (path, reason, size, mtime of every file not turned into a vector). File attributes say what
-produced it (backbone, weights, transform, library versions), that it is complete, and ``content_sha256``:
-a digest of every attribute and every index array, checked at open, as is each source's digest.
+by HDF5's fletcher32 filter, and beside it lies the split's index: ``paths`` [N] (relative to DATA, the file
+name's bytes as the file system gives them), ``views`` [N] (-1 for the image itself, k for augmented view k),
+``labels``, ``sizes``/``mtimes`` (the file stamp each vector was made from) and ``digests`` [N, 16] (blake2b of
+the file's bytes). A mapped file (``features.h5``, a torchrun join) holds no per-row array: ``runs`` [R, 4]
+says that its rows ``start:stop`` are rows ``source_start:`` of source ``source`` (into the ``sources``
+attribute: name, content digest and rows of each), ``features`` is the virtual dataset over those runs (for
+other HDF5 readers), and ``FeatureStore`` reads index and vectors from the sources through the same runs, keeping
+the sources it opened open; so the file's size grows with its runs, not its rows.
+Every file has ``skipped`` (path, reason, size, mtime of every file not turned into a vector). File
+attributes say what produced it (backbone, weights, transform, library versions), that it is complete, and
+``content_sha256``: a digest of every attribute and of the whole index (a mapped file's as read through its
+runs), checked at open, as is each source's digest.
 
 So a damaged file is refused (readers) or rebuilt (``features``), never read as other numbers: damage to
 the index or attributes fails the digest at open; damage to the vectors fails a chunk's checksum when it
@@ -38,7 +42,9 @@ from pipeline.listing import DIGEST_BYTES, NO_VIEW
 from pipeline.files import fsync_dir
 
 FORMAT = "pipeline-features"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # written; 2 (a mapped file's index stored row by row in it) is still read
+READABLE_VERSIONS = (2, FORMAT_VERSION)
+INDEX_ARRAYS = ("views", "labels", "sizes", "mtimes", "digests")  # with ``paths``, the per-row index of a plain file
 ROWS_PER_CHUNK = 1024  # HDF5 chunk of the vectors: the unit of checksumming and of repair
 BLOCK_ROWS = 4 * ROWS_PER_CHUNK  # rows read or written at a time when copying vectors between files
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if ctypes.util.find_library("c") else None
@@ -180,14 +186,28 @@ class Placement:
     sources: np.ndarray
     rows: np.ndarray
 
-    def runs(self) -> list[tuple[int, int, int, int]]:
-        """``(start, stop, source, source_start)`` of each run of rows that are consecutive in one source."""
+    def run_array(self) -> np.ndarray:
+        """``(start, stop, source, source_start)`` of each run of rows that are consecutive in one source, as an int64
+        array [R, 4]: what a mapped file stores."""
         if not len(self.sources):
-            return []
+            return np.zeros((0, 4), dtype=np.int64)
         breaks = np.flatnonzero((np.diff(self.sources) != 0) | (np.diff(self.rows) != 1)) + 1
         starts = np.concatenate([[0], breaks])
         stops = np.concatenate([breaks, [len(self.sources)]])
-        return [(int(a), int(b), int(self.sources[a]), int(self.rows[a])) for a, b in zip(starts, stops)]
+        return np.stack([starts, stops, self.sources[starts], self.rows[starts]], axis=1).astype(np.int64)
+
+    @classmethod
+    def from_runs(cls, runs: np.ndarray, rows: int, sources: int) -> Placement:
+        """The placement of ``rows`` rows over ``sources`` sources described by ``run_array()``: the runs must tile
+        ``0:rows`` in order."""
+        runs = np.asarray(runs, dtype=np.int64).reshape(-1, 4)
+        lengths = runs[:, 1] - runs[:, 0]
+        if ((lengths <= 0).any() or (runs[1:, 0] != runs[:-1, 1]).any() or (runs[:, 2:] < 0).any()
+                or (runs[:, 2] >= sources).any() or (runs[0, 0] if len(runs) else 0) != 0
+                or (runs[-1, 1] if len(runs) else 0) != rows):
+            raise ValueError("its runs do not tile its rows")
+        offsets = np.arange(int(lengths.sum())) - np.repeat(runs[:, 0], lengths)
+        return cls(np.repeat(runs[:, 2], lengths), np.repeat(runs[:, 3], lengths) + offsets)
 
 
 @dataclass(frozen=True)
@@ -244,56 +264,83 @@ class FeatureStore:
         except Exception as error:  # noqa: BLE001 - HDF5 reports damage as many exception types
             raise UserError(f"{self.path} is not a readable HDF5 file ({error}); it is corrupted or truncated: "
                             f"delete it and run `make features` again") from None
+        self._source_files: list[h5py.File | None] = []
         try:
             self._open()
         except UserError:
-            self.file.close()
+            self.close()
             raise
         except Exception as error:  # noqa: BLE001 - any damage to structure or content is one message
-            self.file.close()
+            self.close()
             raise _damaged(self.path, f"{type(error).__name__}: {error}") from None
 
     def _open(self) -> None:
         attrs = {k: _plain(v) for k, v in self.file.attrs.items()}
         if attrs.get("format") != FORMAT:
             raise UserError(f"{self.path} is not a feature cache written by this pipeline; delete it or point CACHE elsewhere")
-        if attrs.get("format_version") != FORMAT_VERSION:
+        if attrs.get("format_version") not in READABLE_VERSIONS:
             raise UserError(f"{self.path} was written in format {attrs.get('format_version')}, this version reads "
-                            f"{FORMAT_VERSION}; run `make features` to rebuild it")
+                            f"{', '.join(map(str, READABLE_VERSIONS))}; run `make features` to rebuild it")
         if not attrs.get("complete", False):
             raise UserError(f"{self.path} is incomplete; run `make features` to finish it")
         self.attrs = attrs
         self.fingerprint = json.loads(attrs["fingerprint"])
+        self.sources = [Source(**source) for source in json.loads(attrs.get("sources", "[]"))]
+        self._open_sources()
+        self._placements = {split: Placement.from_runs(self.file[split]["runs"][()], len(self.file[split]["features"]),
+                                                       len(self.sources)) for split in self.file if "runs" in self.file[split]}
+        self._placements |= {split: Placement(self.file[split]["source"][()], self.file[split]["source_row"][()])
+                             for split in self.file if "source" in self.file[split]}  # format 2
+        self._runs = {split: placement.run_array() for split, placement in self._placements.items()}
         self._indexes = {split: self._read_index(split) for split in self.file}
-        self._placements = {split: Placement(self.file[split]["source"][()], self.file[split]["source_row"][()])
-                            for split in self.file if "source" in self.file[split]}
         shapes = {split: [*self.file[split]["features"].shape, str(self.file[split]["features"].dtype)] for split in self.file}
         if content_digest(self.file.attrs, self._indexes, shapes, self._placements) != attrs.get("content_sha256"):
             raise _damaged(self.path, "its index or attributes do not match their digest")
         if any(len(i.paths) != shapes[s][0] for s, i in self._indexes.items()):
             raise _damaged(self.path, "index and vectors differ in length")
-        self.sources = [Source(**source) for source in json.loads(attrs.get("sources", "[]"))]
-        self._check_sources()
 
     def _read_index(self, split: str) -> SplitIndex:
         group, skipped = self.file[split], self.file[split]["skipped"]
-        return SplitIndex(
-            _strings(group["paths"]), group["views"][()], group["labels"][()], group["sizes"][()], group["mtimes"][()],
-            group["digests"][()],
-            [SkipRecord(p, r, int(s), int(m), int(v)) for p, r, s, m, v in zip(
-                _strings(skipped["paths"]), _strings(skipped["reasons"]), skipped["sizes"][()], skipped["mtimes"][()],
-                skipped["views"][()])],
-        )
+        rows = (self._gathered_rows(split) if "runs" in group else
+                (_strings(group["paths"]), *(group[array][()] for array in INDEX_ARRAYS)))
+        return SplitIndex(*rows, [SkipRecord(p, r, int(s), int(m), int(v)) for p, r, s, m, v in zip(
+            _strings(skipped["paths"]), _strings(skipped["reasons"]), skipped["sizes"][()], skipped["mtimes"][()],
+            skipped["views"][()])])
 
-    def _check_sources(self) -> None:
-        """A file that maps its vectors from other files (segments, parts): each must be the very version it maps."""
+    def _gathered_rows(self, split: str) -> tuple:
+        """A mapped split's paths and index arrays, read from its sources through its runs. A label indexes its own
+        file's ``classes``, so a source written before a class was added is relabelled into this file's classes."""
+        placement = self._placements[split]
+        classes = {name: number for number, name in enumerate(self.classes)}
+        paths = np.empty(len(placement.rows), dtype=object)
+        arrays: dict[str, np.ndarray] = {}
+        for number in np.unique(placement.sources).tolist():
+            mine = placement.sources == number
+            rows = placement.rows[mine]
+            source = self._source_files[number]
+            group = source[split]
+            paths[mine] = np.array(_strings(group["paths"]), dtype=object)[rows]
+            relabel = np.array([classes.get(str(name), -1) for name in _plain(source.attrs["classes"])], dtype=np.int64)
+            for name in INDEX_ARRAYS:
+                values = group[name][()][rows]
+                if name == "labels":
+                    values = relabel[values]
+                arrays.setdefault(name, np.zeros((len(paths), *values.shape[1:]), dtype=values.dtype))[mine] = values
+        empty = {"digests": np.zeros((0, DIGEST_BYTES), dtype=np.uint8)}
+        return paths.tolist(), *(arrays.get(name, empty.get(name, np.zeros(0, dtype=np.int64))) for name in INDEX_ARRAYS)
+
+    def _open_sources(self) -> None:
+        """A file that maps its vectors from other files (segments, parts): each must be the very version it maps. They
+        stay open until ``close``, and the vectors are read through them: a writer that removes one after this open
+        (a compaction, a new torchrun join) does not change what this store reads."""
+        self._source_files = []
         for source in self.sources:
             try:
-                with h5py.File(self.path.parent / source.name, "r") as f:
-                    current = _plain(f.attrs.get("content_sha256"))
+                opened = h5py.File(self.path.parent / source.name, "r")
             except (OSError, ValueError):
-                current = None
-            if current != source.digest:
+                opened = None
+            self._source_files.append(opened)
+            if opened is None or _plain(opened.attrs.get("content_sha256")) != source.digest:
                 raise UserError(f"{self.path} reads its vectors from {source.name}, which is missing or has changed since; "
                                 f"run `make features` again (under torchrun with the same NPROC)")
 
@@ -320,6 +367,9 @@ class FeatureStore:
         self.close()
 
     def close(self) -> None:
+        for source in self._source_files:
+            if source is not None:
+                source.close()
         self.file.close()
 
     @property
@@ -343,16 +393,26 @@ class FeatureStore:
         return self._indexes[split]
 
     def features(self, split: str, rows: slice = slice(None)) -> np.ndarray:
-        """Vectors as float32; a chunk whose checksum fails, or a joined part that vanished, is a ``UserError``."""
-        dataset = self.file[split]["features"]
+        """Vectors as float32 (a mapped split's read from its sources run by run); a chunk whose checksum fails is a
+        ``UserError``."""
         try:
-            vectors = np.asarray(dataset[rows], dtype=np.float32)
+            if split not in self._placements:
+                return np.asarray(self.file[split]["features"][rows], dtype=np.float32)
+            start, stop, step = rows.indices(len(self._indexes[split].paths))
+            vectors = np.empty((max(0, stop - start), self.feature_dim), dtype=np.float32)
+            runs = self._runs[split]
+            first_run = max(0, int(np.searchsorted(runs[:, 0], start, side="right")) - 1)
+            for run_start, run_stop, source, source_start in runs[first_run:].tolist():
+                if run_start >= stop:
+                    break
+                a, b = max(run_start, start), min(run_stop, stop)
+                if a < b:
+                    first = source_start + a - run_start
+                    vectors[a - start:b - start] = self._source_files[source][split]["features"][first:first + b - a]
+            return vectors[::step]
         except Exception as error:  # noqa: BLE001 - h5py reports a failed checksum as OSError, damage as others
             raise UserError(f"{self.path} is damaged ({split} vectors: {error}); run `make features VERIFY=1` to redo the "
                             f"damaged rows") from None
-        if dataset.is_virtual and np.isnan(vectors).any():  # a part removed after this file was opened reads as NaN
-            raise UserError(f"a part file of {self.path} was replaced while reading; run the command again")
-        return vectors
 
     def labels(self, split: str) -> np.ndarray:
         return self._indexes[split].labels
@@ -497,13 +557,16 @@ class StoreWriter:
 
     def add_mapped_split(self, name: str, index: SplitIndex, placement: Placement, feature_dim: int, dtype) -> None:
         """A split whose ``features`` are an HDF5 virtual dataset over the writer's ``sources``: row i is row
-        ``placement.rows[i]`` of source ``placement.sources[i]`` (no vector is copied)."""
-        group = self._add_index(name, index)
+        ``placement.rows[i]`` of source ``placement.sources[i]``. Only the runs are written (no vector, no index row:
+        readers gather ``index``, which must be what the sources hold, through them); the digest covers it whole."""
+        self.indexes[name] = index
         self.placements[name] = placement
-        group.create_dataset("source", data=np.asarray(placement.sources, dtype=np.int64))
-        group.create_dataset("source_row", data=np.asarray(placement.rows, dtype=np.int64))
+        group = self.file.create_group(name)
+        runs = placement.run_array()
+        group.create_dataset("runs", data=runs)
+        self._add_skipped(group, index)
         layout = h5py.VirtualLayout(shape=(len(index.paths), feature_dim), dtype=dtype)
-        for start, stop, source, source_start in placement.runs():
+        for start, stop, source, source_start in runs.tolist():
             vectors = h5py.VirtualSource(self.sources[source].name, f"{name}/features",
                                          shape=(self.sources[source].rows[name], feature_dim))
             layout[start:stop] = vectors[source_start:source_start + stop - start]
@@ -516,13 +579,17 @@ class StoreWriter:
         for array in ("views", "labels", "sizes", "mtimes"):
             group.create_dataset(array, data=np.asarray(getattr(index, array), dtype=np.int64))
         group.create_dataset("digests", data=np.asarray(index.digests, dtype=np.uint8).reshape(-1, DIGEST_BYTES))
+        self._add_skipped(group, index)
+        return group
+
+    @staticmethod
+    def _add_skipped(group: h5py.Group, index: SplitIndex) -> None:
         skipped = group.create_group("skipped")
         skipped.create_dataset("paths", data=np.array([os.fsencode(s.path) for s in index.skipped], dtype=object), dtype=_BYTES)
         skipped.create_dataset("reasons", data=np.array([os.fsencode(s.reason) for s in index.skipped], dtype=object), dtype=_BYTES)
         skipped.create_dataset("sizes", data=np.array([s.size for s in index.skipped], dtype=np.int64))
         skipped.create_dataset("mtimes", data=np.array([s.mtime_ns for s in index.skipped], dtype=np.int64))
         skipped.create_dataset("views", data=np.array([s.view for s in index.skipped], dtype=np.int64))
-        return group
 
     def commit(self) -> None:
         self.file.attrs["complete"] = True

@@ -213,7 +213,10 @@ def test_an_append_writes_only_the_new_vectors_and_compaction_keeps_the_segments
     for i in range(3):
         shutil.copy(data / "train" / "dog" / "dog0.png", data / "train" / "dog" / f"more{i}.png")
         extract(settings(data, cache))
-    assert len(list(folder.glob("features.seg-*.h5"))) <= 2
+    segments = {p.name: p.stat().st_mtime_ns for p in folder.glob("features.seg-*.h5")}
+    assert len(segments) == 2 and all(segments[name] == stamp for name, stamp in first.items())  # the small ones merged
+    with FeatureStore(features_file(folder)) as store:
+        assert store.sources[-1].rows == {"train": 3, "test": 0}
     vectors = snapshot(cache)
     for key, vector in reference["train"].items():
         if key[0] != "train/cat/added.png":

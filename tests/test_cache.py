@@ -14,6 +14,7 @@ from filelock import FileLock
 from PIL import Image
 
 from conftest import make_images, run_cli, run_cli_process, tmpfs
+from pipeline.store import FeatureStore
 
 LITE = ("--backbone", "efficientnet_lite0")
 
@@ -23,8 +24,8 @@ def features(data, cache, *extra) -> int:
 
 
 def stored(cache, split="train") -> dict[str, np.ndarray]:
-    with h5py.File(cache / "efficientnet_lite0" / "features.h5") as f:
-        return {p.decode(): v for p, v in zip(f[split]["paths"][()], f[split]["features"][()])}
+    with FeatureStore(cache / "efficientnet_lite0" / "features.h5") as store:
+        return dict(zip(store.paths(split), store.features(split)))
 
 
 def leftovers(cache) -> list[str]:
@@ -115,9 +116,9 @@ def test_broken_images_are_skipped_recorded_and_reported_never_fatal(tmp_path, t
     out = capsys.readouterr().out
     assert "skipped 6 " in out and "  skipped train/cat/empty.jpg: empty file (0 bytes)" in out
     assert "  skipped train/cat/bomb.png: too large" in out
-    with h5py.File(cache / "efficientnet_lite0" / "features.h5") as f:
-        reasons = dict(zip([p.decode() for p in f["train/skipped/paths"][()]], [r.decode() for r in f["train/skipped/reasons"][()]]))
-        paths = {p.decode() for p in f["train/paths"][()]}
+    with FeatureStore(cache / "efficientnet_lite0" / "features.h5") as store:
+        reasons = {record.path: record.reason for record in store.index("train").skipped}
+        paths = set(store.paths("train"))
     assert set(reasons) == {f"train/cat/{n}" for n in ("truncated.jpg", "empty.jpg", "text.jpg", "readme.txt", ".DS_Store", "bomb.png")}
     assert "truncated" in reasons["train/cat/truncated.jpg"] and "decompression-bomb" in reasons["train/cat/bomb.png"]
     assert {f"train/cat/{n}" for n in ("cmyk.jpg", "rgba.png", "deep.png", "palette.png")} <= paths

@@ -11,11 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 from conftest import REPO, make_images, run_cli, run_cli_process
+from pipeline.store import FeatureStore
 
 LITE = ("--backbone", "efficientnet_lite0")
 pytestmark = pytest.mark.slow
@@ -28,9 +28,8 @@ def torchrun(*args, **kwargs) -> subprocess.Popen:
 
 
 def vectors(cache: Path, split: str) -> tuple[list[str], np.ndarray, np.ndarray, bool]:
-    with h5py.File(cache / "efficientnet_lite0" / "features.h5") as f:
-        group = f[split]
-        return [p.decode() for p in group["paths"][()]], group["labels"][()], group["features"][()], group["features"].is_virtual
+    with FeatureStore(cache / "efficientnet_lite0" / "features.h5") as store:
+        return store.paths(split), store.labels(split), store.features(split), store.file[split]["features"].is_virtual
 
 
 def _rank_pid(rank: int) -> int | None:

@@ -27,15 +27,15 @@ def test_densenet_with_a_weights_file_writes_1024d_vectors_in_the_documented_lay
         assert all(step in f.attrs["transform"] for step in ("Resize(size=[255]", "CenterCrop(size=(224, 224))", "Normalize(mean=[0.485"))
         assert set(json.loads(f.attrs["versions"])) >= {"torch", "torchvision", "pillow"}
         assert f.attrs["created"]
-        [segment] = json.loads(f.attrs["sources"])  # the vectors live in one segment file, mapped row by row
+        [segment] = json.loads(f.attrs["sources"])  # the vectors and their index live in one segment file, mapped by runs
         for split, n in (("train", 20), ("test", 8)):
             features = f[split]["features"]
             assert features.shape == (n, 1024) and features.dtype == np.float32 and features.is_virtual
-            assert f[split]["source"][()].tolist() == [0] * n and f[split]["source_row"][()].tolist() == list(range(n))
+            assert f[split]["runs"][()].tolist() == [[0, n, 0, 0]] and "paths" not in f[split]  # rows 0:n are its rows 0:n
             with h5py.File(cache / "densenet121" / segment["name"]) as seg:
                 assert seg[split]["features"].chunks is not None and seg[split]["features"].fletcher32
-            assert f[split]["labels"].shape == (n,)
-            paths = [p.decode() for p in f[split]["paths"][()]]
+                assert seg[split]["labels"].shape == (n,)
+                paths = [p.decode() for p in seg[split]["paths"][()]]
             assert paths[0] == f"{split}/cat/cat0.png" and all(not p.startswith("/") for p in paths)
             assert (f[split]["features"][()] >= 0).all()  # after the ReLU
 

@@ -117,17 +117,17 @@ def test_augmented_views_are_cached_incrementally_and_reported(tmp_path, tiny_da
     cache = tmp_path / "cache"
     assert run_cli("features", "--data", tiny_data, "--cache", cache, *LITE, "--augment", "2") == 0
     assert "68 vectors (20 train, 8 test, 40 train_aug)" in capsys.readouterr().out
-    import h5py
-    with h5py.File(cache / "efficientnet_lite0/features.h5") as f:
-        views = list(zip([p.decode() for p in f["train_aug/paths"][()]], f["train_aug/views"][()].tolist()))
-        plain = f["train/features"][0]
-        first_views = f["train_aug/features"][:2]
-        assert views[:2] == [("train/cat/cat0.png", 0), ("train/cat/cat0.png", 1)] and "test_aug" not in f
+    from pipeline.store import FeatureStore
+    with FeatureStore(cache / "efficientnet_lite0/features.h5") as store:
+        views = list(zip(store.paths("train_aug"), store.index("train_aug").views.tolist()))
+        plain = store.features("train")[0]
+        first_views = store.features("train_aug")[:2]
+        assert views[:2] == [("train/cat/cat0.png", 0), ("train/cat/cat0.png", 1)] and store.splits == ["train", "test", "train_aug"]
     assert not np.allclose(first_views[0], plain) and not np.allclose(first_views[0], first_views[1])
     assert run_cli("features", "--data", tiny_data, "--cache", cache, *LITE, "--augment", "3") == 0
     assert "extracted 20 " in capsys.readouterr().out  # only the third view of each train image
-    with h5py.File(cache / "efficientnet_lite0/features.h5") as f:
-        np.testing.assert_array_equal(f["train_aug/features"][0], first_views[0])  # views are seeded: same crop again
+    with FeatureStore(cache / "efficientnet_lite0/features.h5") as store:
+        np.testing.assert_array_equal(store.features("train_aug")[0], first_views[0])  # views are seeded: same crop again
     assert run_cli("train-head", "--cache", cache, *LITE, "--epochs", "2") == 0
     assert run_cli("report", "--cache", cache, *LITE) == 0
     metrics = json.loads((cache / "efficientnet_lite0/metrics.json").read_text())

@@ -1,0 +1,151 @@
+"""The feature store's mapped file: its size grows with its runs, not its rows; its index is read through the runs."""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import make_images
+from pipeline.config import Settings
+from pipeline.extract import extract
+from pipeline.store import FeatureStore, ImageKey, Placement, Source, SplitIndex, StoreWriter, content_digest, features_file
+
+DIM = 3
+ATTRS = {"fingerprint": "{}", "backbone": "test", "feature_dim": DIM, "classes": ["a", "b"]}
+
+
+def _segment(path, names: list[str]) -> Source:
+    """A plain file of ``names`` (train only), vector i = [i, i, i] offset by the file's first name."""
+    rows = [(ImageKey("train", name, -1, 10 + i, 20 + i), i % 2, bytes([i % 256]) * 16) for i, name in enumerate(names)]
+    with StoreWriter(path, ATTRS) as writer:
+        writer.add_split("train", SplitIndex.build(rows, []), DIM)[:] = np.arange(len(names))[:, None] + np.zeros(DIM)
+        writer.commit()
+    return Source(path.name, writer.digest, {"train": len(names)})
+
+
+def _mapped(path, sources: list[Source], placement: Placement, index: SplitIndex) -> None:
+    with StoreWriter(path, ATTRS, sources=sources) as writer:
+        writer.add_mapped_split("train", index, placement, DIM, np.float32)
+        writer.commit()
+
+
+def test_a_mapped_file_grows_with_its_runs_not_its_rows(tmp_path):
+    sizes = {}
+    for n in (10, 20_000):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        names = [f"train/a/{i:06d}.png" for i in range(n)]
+        source = _segment(folder / "seg.h5", names)
+        with FeatureStore(folder / "seg.h5") as segment:
+            index = segment.index("train")
+        _mapped(folder / "features.h5", [source], Placement(np.zeros(n, dtype=np.int64), np.arange(n)), index)
+        sizes[n] = (folder / "features.h5").stat().st_size
+        with FeatureStore(folder / "features.h5") as store:
+            assert store.paths("train") == names and store.placement("train").run_array().tolist() == [[0, n, 0, 0]]
+            np.testing.assert_array_equal(store.index("train").digests, index.digests)
+            np.testing.assert_array_equal(store.features("train")[:, 0], np.arange(n))
+    assert abs(sizes[20_000] - sizes[10]) < 1024  # rows 0:n of one source, however many rows
+
+
+def test_interleaved_runs_gather_the_index_and_vectors_of_each_row(tmp_path):
+    old = _segment(tmp_path / "old.h5", ["a0", "a2", "a4", "a6"])
+    new = _segment(tmp_path / "new.h5", ["a1", "a5"])
+    placement = Placement(np.array([0, 1, 0, 0, 1, 0]), np.array([0, 0, 1, 2, 1, 3]))  # a0 a1 a2 a4 a5 a6
+    stores = [FeatureStore(tmp_path / name) for name in ("old.h5", "new.h5")]
+    rows = [(stores[s].index("train").keys("train")[r], int(stores[s].labels("train")[r]), bytes(stores[s].index("train").digests[r]))
+            for s, r in zip(placement.sources, placement.rows)]
+    expected = [float(stores[s].features("train")[r, 0]) for s, r in zip(placement.sources, placement.rows)]
+    for store in stores:
+        store.close()
+    _mapped(tmp_path / "features.h5", [old, new], placement, SplitIndex.build(rows, []))
+    with FeatureStore(tmp_path / "features.h5") as store:
+        assert store.paths("train") == ["a0", "a1", "a2", "a4", "a5", "a6"]
+        assert store.index("train").sizes.tolist() == [10, 10, 11, 12, 11, 13]
+        assert store.features("train")[:, 0].tolist() == expected
+        assert len(store.placement("train").run_array()) == 5
+
+
+def test_runs_that_do_not_tile_the_rows_are_refused():
+    for runs in ([[0, 2, 0, 0], [3, 4, 0, 2]], [[0, 2, 1, 0]], [[0, 5, 0, 0]], [[0, 2, 0, -1]]):
+        with pytest.raises(ValueError):
+            Placement.from_runs(np.array(runs), 4, 1)
+    assert Placement.from_runs(np.array([[0, 2, 0, 5], [2, 4, 0, 0]]), 4, 1).rows.tolist() == [5, 6, 0, 1]
+
+
+def _as_format_2(path) -> None:
+    """Rewrite a format-3 ``features.h5`` as format 2 wrote it: the index row by row, and ``source``/``source_row``."""
+    with FeatureStore(path) as store:
+        indexes = {split: store.index(split) for split in store.splits}
+        placements = {split: store.placement(split) for split in store.splits}
+    with h5py.File(path, "a") as f:
+        for split, index in indexes.items():
+            group = f[split]
+            del group["runs"]
+            group.create_dataset("paths", data=np.array([os.fsencode(p) for p in index.paths], dtype=object),
+                                 dtype=h5py.string_dtype("ascii"))
+            for name in ("views", "labels", "sizes", "mtimes", "digests"):
+                group.create_dataset(name, data=getattr(index, name))
+            group.create_dataset("source", data=placements[split].sources)
+            group.create_dataset("source_row", data=placements[split].rows)
+        f.attrs["format_version"] = 2
+        shapes = {s: [*f[s]["features"].shape, str(f[s]["features"].dtype)] for s in indexes}
+        f.attrs["content_sha256"] = content_digest(f.attrs, indexes, shapes, placements)
+
+
+def test_a_format_2_cache_is_read_and_updated_without_extracting_it_again(tmp_path):
+    data = make_images(tmp_path / "data", {"train": 4, "test": 2})
+    settings = Settings(data=data, cache=tmp_path / "cache", backbone="efficientnet_lite0")
+    extract(settings)
+    path = features_file(settings.backbone_dir())
+    with FeatureStore(path) as store:
+        before = {split: (store.paths(split), store.features(split)) for split in store.splits}
+    _as_format_2(path)
+    with FeatureStore(path) as store:
+        assert store.attrs["format_version"] == 2
+        for split, (paths, vectors) in before.items():
+            assert store.paths(split) == paths
+            np.testing.assert_array_equal(store.features(split), vectors)
+    (data / "train" / "cat" / "cat0.png").rename(data / "train" / "cat" / "moved.png")
+    summary = extract(settings)
+    assert summary.extracted == 1 and summary.reused == 11
+    with h5py.File(path) as f:
+        assert f.attrs["format_version"] == 3 and "runs" in f["train"]
+
+
+def test_a_reader_keeps_the_version_it_opened_while_a_compaction_removes_its_segments(tmp_path, monkeypatch):
+    import pipeline.extract as extract_module
+
+    data = make_images(tmp_path / "data", {"train": 4, "test": 2})
+    settings = Settings(data=data, cache=tmp_path / "cache", backbone="efficientnet_lite0")
+    extract(settings)
+    folder = settings.backbone_dir()
+    [old_segment] = folder.glob("features.seg-*.h5")
+    reader = FeatureStore(features_file(folder))
+    before = {split: (reader.paths(split), reader.features(split)) for split in reader.splits}
+    monkeypatch.setattr(extract_module, "MAX_SEGMENTS", 1)  # the update copies every vector into one new segment
+    (data / "train" / "cat" / "cat0.png").unlink()
+    assert extract(settings).extracted == 0
+    assert not old_segment.exists()
+    with reader:
+        for split, (paths, vectors) in before.items():
+            assert reader.paths(split) == paths
+            np.testing.assert_array_equal(reader.features(split), vectors)
+            np.testing.assert_array_equal(reader.features(split, slice(1, 3)), vectors[1:3])
+    with FeatureStore(features_file(folder)) as now:
+        assert len(now.paths("train")) == len(before["train"][0]) - 1
+
+
+def test_a_class_added_before_the_others_relabels_the_kept_rows_without_extracting_them(tmp_path):
+    data = make_images(tmp_path / "data", {"train": 3, "test": 1})
+    settings = Settings(data=data, cache=tmp_path / "cache", backbone="efficientnet_lite0")
+    extract(settings)
+    make_images(data, {"train": 3, "test": 1}, classes=("bird",))  # sorts first: cat and dog become 1 and 2
+    summary = extract(settings)
+    assert summary.extracted == 4 and summary.reused == 8
+    with FeatureStore(features_file(settings.backbone_dir())) as store:
+        assert store.classes == ["bird", "cat", "dog"] and len(store.sources) == 2
+        for split in store.splits:
+            assert [store.classes[label] for label in store.labels(split)] == [p.split("/")[1] for p in store.paths(split)]
