@@ -134,6 +134,20 @@ def test_auto_final_fit_refits_and_the_c_grid_is_fine_only_for_small_train_split
     assert LogisticBaseline().fit(X, y, Xv, yv).Cs_ == (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
+def test_above_small_fit_the_c_path_stops_once_it_is_past_the_best_on_validation(pooled, monkeypatch):
+    X, y, Xv, yv, _, _ = pooled
+    noisy = np.random.default_rng(0).permutation(y)  # labels unrelated to X: strong regularisation is best
+    full = LogisticBaseline(Cs=C_GRID, final_fit="train").fit(X, noisy, Xv, yv)
+    assert list(full.val_scores_) == list(C_GRID)  # small: every C of the grid
+    monkeypatch.setattr(baseline_module, "SMALL_FIT", len(X) - 1)
+    stopped = LogisticBaseline(Cs=C_GRID, final_fit="train").fit(X, noisy, Xv, yv)
+    searched = list(stopped.val_scores_)
+    assert searched == list(C_GRID[:len(searched)]) and len(searched) < len(C_GRID)
+    best = max(searched, key=lambda C: (stopped.val_scores_[C]["val_accuracy"], -stopped.val_scores_[C]["val_log_loss"]))
+    assert stopped.C_ == best == full.C_ and searched.index(best) == len(searched) - 1 - baseline_module.PATH_PATIENCE
+    np.testing.assert_allclose(stopped.predict_proba(Xv), full.predict_proba(Xv))
+
+
 @pytest.mark.parametrize("final_fit", ["train", "train+val"])
 def test_fitting_on_vectors_normalised_beforehand_gives_the_same_models(pooled, final_fit):
     X, y, Xv, yv, Xt, _ = pooled

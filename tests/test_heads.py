@@ -37,6 +37,21 @@ def test_head_architecture_is_the_seed_notebooks():
     assert (head[0].in_features, head[0].out_features, head[2].p, head[3].out_features) == (1024, 256, 0.2, 2)
 
 
+def test_the_heads_dropout_is_nn_dropout_drawn_faster():
+    layer = MLPHead(8, 2, dropout=0.25)[2]
+    assert isinstance(layer, torch.nn.Dropout)
+    x = torch.ones(2000, 100, requires_grad=True)
+    torch.manual_seed(0)
+    out = layer.train()(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01 and torch.allclose(out[kept], torch.tensor(1 / 0.75))
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # the gradient flows through the kept elements, scaled alike
+    torch.manual_seed(0)
+    assert torch.equal(layer(x), out)  # seeded: the same mask
+    assert layer.eval()(x) is x
+
+
 def test_head_learns_and_keeps_its_best_validation_epoch(blobs):
     X, y, Xv, yv, Xt, yt = blobs
     head = HeadClassifier(epochs=15, patience=3, seed=1).fit(X, y, Xv, yv)
