@@ -4,9 +4,10 @@ Every setting, the device, the runtime and the weights are checked before anythi
 An unchanged dataset is a no-op. Otherwise vectors are reused from the previous ``features.h5`` (same
 fingerprint, same file size and mtime) and from the committed chunks of an interrupted run; only the
 rest go through the backbone, chunk by chunk. Then the new vectors are written to a new segment file and
-a new ``features.h5`` (the index, mapping every row to its segment) is written; each under a temporary name
-and renamed into place. Old vectors stay where they are, so an update writes what it adds plus the index;
-segments are compacted into one when dead rows, runs or files pile up. A stored vector whose checksum fails
+a new ``features.h5`` (the map of every row to its segment, by runs) is written; each under a temporary name
+and renamed into place. Old vectors stay where they are, so an update writes what it adds plus the map;
+segments mostly dead, or the smallest when there are too many, are copied into the new one (``_rewritten``).
+A stored vector whose checksum fails
 while it is copied is redone, not copied; ``--verify`` also re-reads every image and every stored vector
 and redoes what changed.
 """
@@ -266,7 +267,7 @@ def _split_rows(split: str, listing: DatasetListing, plan: Plan, old_digests: di
     return out
 
 
-MAX_SEGMENTS = 16  # an update that would leave more copies the smallest segments into its new one
+MAX_SEGMENTS = 16  # an update that would leave more copies the smallest into its new one (see _rewritten)
 MAX_RUNS = 4096  # a mapping broken into more runs (each a mapping of the virtual dataset) is compacted into one segment
 
 
@@ -317,25 +318,32 @@ def _assemble(location: FeatureFiles, attrs: dict, listing: DatasetListing, plan
 
 def _rewritten(splits: dict[str, SplitRows], previous: FeatureStore | None) -> set[int] | None:
     """Which of ``previous``'s segments the update copies into its new segment (None: all of them, or no previous):
-    those holding more dead rows than live ones, then the smallest while more than ``MAX_SEGMENTS`` would remain;
-    all when the mapping would break into more than ``MAX_RUNS`` runs. So an append writes its own rows (the segments
-    stay few by merging the small ones, each row copied about log(updates) times) and never rewrites a big segment
-    that is still mostly live."""
+    those holding more dead rows than live ones; then, newest first, each whose live rows are at most twice what the
+    new segment holds by then (so segments shrink geometrically from oldest to newest: their number grows with the
+    log of the updates, and each vector is copied about that many times, never a big segment for a small append);
+    then the smallest while more than ``MAX_SEGMENTS`` would remain; all when the mapping would break into more than
+    ``MAX_RUNS`` runs."""
     if previous is None:
         return None
-    _, sources, placements = _layout(splits, previous, set())
+    _, _, placements = _layout(splits, previous, set())
     if sum(len(p.run_array()) for p in placements.values()) > MAX_RUNS:
         return None
-    numbers = {s.name: n for n, s in enumerate(previous.sources)}
-    live = {numbers[s.name]: 0 for s in sources}
-    for placement in placements.values():
-        for kept, count in zip(*np.unique(placement.sources, return_counts=True)):
-            if kept < len(sources):
-                live[numbers[sources[kept].name]] += int(count)
-    rewrite = {n for n, count in live.items() if 2 * count < sum(previous.sources[n].rows.values())}
-    for n in sorted(set(live) - rewrite, key=lambda n: (live[n], n))[:max(0, len(live) - len(rewrite) + 1 - MAX_SEGMENTS)]:
-        rewrite.add(n)
-    return rewrite
+    live = np.zeros(len(previous.sources), dtype=np.int64)  # rows each old segment keeps
+    written = 0  # rows the new segment gets
+    for split, rows in splits.items():
+        kept = [source for _, source in rows.sources if isinstance(source, int)]
+        written += len(rows.sources) - len(kept)
+        if kept and split in previous.splits:
+            live += np.bincount(previous.placement(split).sources[kept], minlength=len(live))
+    stored = [sum(source.rows.values()) for source in previous.sources]
+    alive = np.flatnonzero(live).tolist()  # oldest first: a new segment is numbered last
+    rewrite = {n for n in alive if 2 * live[n] < stored[n]}
+    written += sum(int(live[n]) for n in rewrite)
+    rest = [n for n in alive if n not in rewrite]
+    while written and rest and live[rest[-1]] <= 2 * written:  # the newest, while not much bigger than what is written
+        written += int(live[rest[-1]])
+        rewrite.add(rest.pop())
+    return rewrite | set(sorted(rest, key=lambda n: (live[n], n))[:max(0, len(rest) + 1 - MAX_SEGMENTS)])
 
 
 def _layout(splits: dict[str, SplitRows], previous: FeatureStore | None, rewrite: set[int] | None

@@ -139,13 +139,33 @@ def test_a_reader_keeps_the_version_it_opened_while_a_compaction_removes_its_seg
 
 
 def test_a_class_added_before_the_others_relabels_the_kept_rows_without_extracting_them(tmp_path):
-    data = make_images(tmp_path / "data", {"train": 3, "test": 1})
+    data = make_images(tmp_path / "data", {"train": 6, "test": 2})
     settings = Settings(data=data, cache=tmp_path / "cache", backbone="efficientnet_lite0")
     extract(settings)
-    make_images(data, {"train": 3, "test": 1}, classes=("bird",))  # sorts first: cat and dog become 1 and 2
+    make_images(data, {"train": 1, "test": 1}, classes=("bird",))  # sorts first: cat and dog become 1 and 2
     summary = extract(settings)
-    assert summary.extracted == 4 and summary.reused == 8
+    assert summary.extracted == 2 and summary.reused == 16
     with FeatureStore(features_file(settings.backbone_dir())) as store:
         assert store.classes == ["bird", "cat", "dog"] and len(store.sources) == 2
         for split in store.splits:
             assert [store.classes[label] for label in store.labels(split)] == [p.split("/")[1] for p in store.paths(split)]
+
+
+def test_appends_keep_the_segments_few_and_never_copy_the_big_one(tmp_path):
+    import shutil
+
+    data = make_images(tmp_path / "data", {"train": 8, "test": 2})
+    settings = Settings(data=data, cache=tmp_path / "cache", backbone="efficientnet_lite0")
+    extract(settings)
+    folder = settings.backbone_dir()
+    [(first, stamp)] = [(p, p.stat().st_mtime_ns) for p in folder.glob("features.seg-*.h5")]
+    counts = []
+    for i in range(8):
+        shutil.copy(data / "train" / "cat" / "cat0.png", data / "train" / "cat" / f"added{i}.png")
+        assert extract(settings).extracted == 1
+        with FeatureStore(features_file(folder)) as store:
+            sizes = [sum(source.rows.values()) for source in store.sources]
+        assert sizes[0] == 20 and sizes[1:] == sorted(sizes[1:], reverse=True)  # oldest and biggest first
+        counts.append(len(sizes))
+    assert first.stat().st_mtime_ns == stamp and max(counts) <= 5  # 1 + log2(8) + 1
+    assert sorted(folder.glob("features.seg-*.h5")) == sorted(folder / s.name for s in FeatureStore(features_file(folder)).sources)
