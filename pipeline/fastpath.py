@@ -1,20 +1,22 @@
 """PRECISION=auto and RUNTIME=auto: the fastest faithful way to run the backbone on this machine, measured.
 
 The candidates are the ways this device can run the backbone (``candidates``), limited to the given precision or
-runtime when only one of the two is "auto". Each runs, after a warm-up, on a calibration batch of the user's own
-images, decoded as stage one decodes them, beside the reference: PyTorch float32, the exact path. A candidate is
+runtime when only one of the two is "auto". Each runs, after a warm-up, on calibration images of the user's own,
+decoded as stage one decodes them, in batches of BATCH_SIZE as stage one runs them (a batch of another size can rank
+the candidates otherwise), beside the reference: PyTorch float32, the exact path. A candidate is
 faithful when its vector of every image has a cosine similarity of at least ``COSINE_MIN`` to the reference's
 (the README says what a looser bound cost in accuracy); the fastest faithful candidate is chosen if it is at least
 ``MIN_GAIN`` times as fast as the reference, else the reference. An existing feature file keeps the way it was made
 while that can run here (FORCE=1 rebuilds it the chosen way), so "auto" never rebuilds a cache. The choice and its measurements are kept in
-``CACHE/<backbone>/path.json`` with the machine they were made on (processor, accelerator, library versions,
-weights, batch size): the next run on the same machine reads them back instead of measuring again; any other
+``CACHE/<backbone>/path.json`` with the machine they were made on (processor and its feature flags, accelerator,
+library versions, weights, batch size): the next run on the same machine reads them back instead of measuring again; any other
 machine measures afresh. Under torchrun, a rank never measures (ranks must agree): it reads ``path.json`` or takes
 the reference.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -40,6 +42,7 @@ REFERENCE = ("fp32", "torch")
 COSINE_MIN = 0.999  # the least cosine similarity to the reference's vector that a faithful path keeps, per image
 MIN_GAIN = 1.1  # a path is chosen over the reference only when at least this much faster
 CALIBRATION_IMAGES = 64
+CALIBRATION_PASSES = 2  # timed passes over the calibration images per candidate; the fastest counts
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,10 @@ def cpu_has_bf16() -> bool:
 
 def machine(settings: Settings, device: torch.device, weights: str) -> dict:
     """What a measured choice holds for: it is measured again when any of these differ."""
-    key = {"cpu": _cpuinfo("model name") or platform.processor(), "cores": os.cpu_count(), "device": str(device), "torch": torch.__version__,
-           "weights": weights, "batch_size": settings.batch_size}
+    flags = sorted(set((_cpuinfo("flags") or "").split()))  # one model name can cover CPUs with and without AMX
+    key = {"cpu": _cpuinfo("model name") or platform.processor(), "cpu_flags": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16],
+           "cores": os.cpu_count(), "device": str(device), "torch": torch.__version__, "weights": weights,
+           "batch_size": settings.batch_size, "passes": CALIBRATION_PASSES}
     if device.type == "cuda":
         key["accelerator"] = torch.cuda.get_device_name(device)
     if runtime_installed("openvino"):
@@ -137,16 +142,19 @@ def _calibration_batch(listing: DatasetListing, backbone: Backbone) -> torch.Ten
 
 
 def _measure(backbone: Backbone, model: torch.nn.Module, device: torch.device, pairs: list[tuple[str, str]],
-             images: torch.Tensor, keep: Path) -> list[Measured]:
-    """Each pair's speed on ``images`` (after a warm-up run) and its vectors' cosine to those of the first pair;
-    ``keep``: where OpenVINO's converted model is kept (stage one reads it back)."""
+             images: torch.Tensor, batch_size: int, keep: Path) -> list[Measured]:
+    """Each pair's speed on ``images`` in batches of ``batch_size``, as stage one will run it (after a warm-up batch;
+    the fastest of ``CALIBRATION_PASSES`` passes), and its vectors' cosine to those of the first pair; ``keep``: where
+    OpenVINO's converted model is kept (stage one reads it back)."""
     measured, reference = [], None
     for precision, runtime in pairs:
         forward = prepare(backbone, model, device, precision, runtime, keep)
-        forward(images)
-        start = time.perf_counter()
-        vectors = forward(images)
-        seconds = time.perf_counter() - start
+        forward(images[:batch_size])
+        seconds = float("inf")
+        for _ in range(CALIBRATION_PASSES):
+            start = time.perf_counter()
+            vectors = torch.cat([forward(batch) for batch in images.split(batch_size)])
+            seconds = min(seconds, time.perf_counter() - start)
         reference = vectors if reference is None else reference
         cosine = torch.nn.functional.cosine_similarity(vectors.double(), reference.double(), dim=1)
         measured.append(Measured(precision, runtime, len(images) / seconds, cosine.mean().item(), cosine.min().item()))
@@ -190,7 +198,7 @@ def resolve(settings: Settings, backbone: Backbone, device: torch.device, listin
         log.info(f"features: measuring {len(pairs)} ways to run {backbone.name} on {len(images)} of your images "
                  f"(once per machine; kept in {path})")
         measured = _measure(backbone, load_backbone(backbone, settings.weights), device, pairs, images,
-                            kept_model(settings.backbone_dir(), backbone, weights))
+                            settings.batch_size, kept_model(settings.backbone_dir(), backbone, weights))
         choice = PathChoice(*choose(measured, allowed), f"measured on this machine, {PATH_FILE}", measured, key)
         with disk_full_as_user_error(path.parent, "features"):
             path.parent.mkdir(parents=True, exist_ok=True)
