@@ -85,9 +85,10 @@ def part_file(folder: Path, rank: Rank) -> Path:
     return folder / f"features.part-{rank.rank}-of-{rank.world}.h5"
 
 
-def join(target: Path, parts: list[Path], merge: bool = False) -> bool:
-    """Join the parts (one per rank, in rank order) into ``target``, then remove other versions of the parts;
-    False when ``target`` already joins exactly these versions."""
+def join(target: Path, parts: list[Path], classes: list[str], merge: bool = False) -> bool:
+    """Join the parts (one per rank, in rank order) into ``target``, labelled by ``classes`` (the listing's: a part
+    left unchanged since a class was added keeps its own), then remove other versions of the parts; False when
+    ``target`` already joins exactly these versions."""
     stores = [FeatureStore(p) for p in parts]
     try:
         sources = [Source(p.name, s.attrs["content_sha256"], {split: len(s.paths(split)) for split in s.splits})
@@ -109,6 +110,7 @@ def join(target: Path, parts: list[Path], merge: bool = False) -> bool:
             throughput_img_s=sum(float(s.attrs["throughput_img_s"]) for s in stores),
             joined_from=stamp,
             merged=merge,
+            classes=list(classes),
         )
         rows = sum(len(s.paths(split)) for s in stores for split in s.splits)
         path_bytes = sum(len(os.fsencode(p)) for s in stores for split in s.splits for p in s.paths(split))
@@ -117,8 +119,9 @@ def join(target: Path, parts: list[Path], merge: bool = False) -> bool:
             for split in first.splits:
                 indexes = [s.index(split) for s in stores]
                 index = SplitIndex(
-                    [p for i in indexes for p in i.paths],
-                    *[np.concatenate([getattr(i, a) for i in indexes]) for a in ("views", "labels", "sizes", "mtimes", "digests")],
+                    [p for i in indexes for p in i.paths], np.concatenate([i.views for i in indexes]),
+                    np.concatenate([_relabelled(i.labels, s.classes, classes) for i, s in zip(indexes, stores)]),
+                    *[np.concatenate([getattr(i, a) for i in indexes]) for a in ("sizes", "mtimes", "digests")],
                     [r for i in indexes for r in i.skipped],
                 )
                 dtype = first.file[split]["features"].dtype
@@ -142,6 +145,15 @@ def join(target: Path, parts: list[Path], merge: bool = False) -> bool:
             s.close()
     _remove_other_versions(parts)
     return True
+
+
+def _relabelled(labels: np.ndarray, own: list[str], classes: list[str]) -> np.ndarray:
+    """A part's labels (into its ``own`` classes) as labels into ``classes``."""
+    lookup = np.array([classes.index(c) if c in classes else -1 for c in own], dtype=np.int64)
+    relabelled = lookup[labels]
+    if (relabelled < 0).any():
+        raise UserError("a part file holds images of a class the dataset no longer has; run `make features FORCE=1 NPROC=...`")
+    return relabelled
 
 
 def _remove_other_versions(parts: list[Path]) -> None:

@@ -14,6 +14,7 @@ and redoes what changed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import itertools
 import json
@@ -343,7 +344,8 @@ def _rewritten(splits: dict[str, SplitRows], previous: FeatureStore | None) -> s
     while written and rest and live[rest[-1]] <= 2 * written:  # the newest, while not much bigger than what is written
         written += int(live[rest[-1]])
         rewrite.add(rest.pop())
-    return rewrite | set(sorted(rest, key=lambda n: (live[n], n))[:max(0, len(rest) + 1 - MAX_SEGMENTS)])
+    excess = len(rest) + 1 - MAX_SEGMENTS if written or len(rest) > MAX_SEGMENTS else 0  # +1: the new segment
+    return rewrite | set(sorted(rest, key=lambda n: (live[n], n))[:max(0, excess)])
 
 
 def _layout(splits: dict[str, SplitRows], previous: FeatureStore | None, rewrite: set[int] | None
@@ -447,7 +449,7 @@ def extract(settings: Settings, listing: DatasetListing | None = None) -> Extrac
             log.info(f"rank {rank.rank}/{rank.world}: {summary.line()}")
             gathered = distributed.gather((summary.extracted, summary.path.name))
             if rank.rank == 0:
-                joined = distributed.join(target, [folder / name for _, name in gathered], settings.merge)
+                joined = distributed.join(target, [folder / name for _, name in gathered], listing.classes, settings.merge)
                 summary = ExtractSummary(target, extracted=sum(n for n, _ in gathered), up_to_date=not joined)
                 with FeatureStore(target) as store:
                     summary.describe(store)
@@ -467,12 +469,15 @@ def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, exp
     base = location.base
     lock = base.with_suffix(".lock")
     try:
-        with FileLock(lock, timeout=0), disk_full_as_user_error(base.parent, "features", " (finished chunks are kept)"):
+        with (FileLock(lock, timeout=0), disk_full_as_user_error(base.parent, "features", " (finished chunks are kept)"),
+              contextlib.ExitStack() as opened):
             if record is not None:
                 freshness.forget(record[0])
             location.remove_leftovers()
             summary = ExtractSummary(location.current() or base)
             previous = _previous(location.current(), expected, settings.force)
+            if previous is not None:
+                opened.callback(previous.close)  # also when the update fails (closing twice is harmless)
             partial = PartialRun(base.with_suffix(".partial"), expected)
             plan = _plan(listing, previous, partial.done)
             if previous is not None and settings.verify:

@@ -126,8 +126,8 @@ def test_a_reader_keeps_the_version_it_opened_while_a_compaction_removes_its_seg
     reader = FeatureStore(features_file(folder))
     before = {split: (reader.paths(split), reader.features(split)) for split in reader.splits}
     monkeypatch.setattr(extract_module, "MAX_SEGMENTS", 1)  # the update copies every vector into one new segment
-    (data / "train" / "cat" / "cat0.png").unlink()
-    assert extract(settings).extracted == 0
+    (data / "train" / "cat" / "cat0.png").rename(data / "train" / "cat" / "renamed.png")
+    assert extract(settings).extracted == 1
     assert not old_segment.exists()
     with reader:
         for split, (paths, vectors) in before.items():
@@ -135,7 +135,7 @@ def test_a_reader_keeps_the_version_it_opened_while_a_compaction_removes_its_seg
             np.testing.assert_array_equal(reader.features(split), vectors)
             np.testing.assert_array_equal(reader.features(split, slice(1, 3)), vectors[1:3])
     with FeatureStore(features_file(folder)) as now:
-        assert len(now.paths("train")) == len(before["train"][0]) - 1
+        assert "train/cat/renamed.png" in now.paths("train") and "train/cat/cat0.png" not in now.paths("train")
 
 
 def test_a_class_added_before_the_others_relabels_the_kept_rows_without_extracting_them(tmp_path):
@@ -169,3 +169,24 @@ def test_appends_keep_the_segments_few_and_never_copy_the_big_one(tmp_path):
         counts.append(len(sizes))
     assert first.stat().st_mtime_ns == stamp and max(counts) <= 5  # 1 + log2(8) + 1
     assert sorted(folder.glob("features.seg-*.h5")) == sorted(folder / s.name for s in FeatureStore(features_file(folder)).sources)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_a_join_labels_every_part_by_the_listings_classes(tmp_path, merge):
+    """Under torchrun a part left unchanged since a class was added keeps its own classes; the join relabels it."""
+    from pipeline.distributed import join
+
+    def part(name: str, classes: list[str], images: list[tuple[str, int]]) -> None:
+        rows = [(ImageKey("train", path, -1, 1, 1), label, bytes(16)) for path, label in images]
+        attrs = {**ATTRS, "classes": classes, "created": "now", "images_extracted": len(rows), "views_extracted": 0,
+                 "extraction_seconds": 1.0, "augment_seconds": 0.0, "throughput_img_s": 1.0}
+        with StoreWriter(tmp_path / name, attrs) as writer:
+            writer.add_split("train", SplitIndex.build(rows, []), DIM)[:] = np.ones((len(rows), DIM))
+            writer.commit()
+
+    part("features.part-0-of-2.1.h5", ["b", "c"], [("train/b/0.png", 0), ("train/c/1.png", 1)])  # before "a" came
+    part("features.part-1-of-2.1.h5", ["a", "b", "c"], [("train/a/2.png", 0), ("train/c/3.png", 2)])
+    parts = [tmp_path / "features.part-0-of-2.1.h5", tmp_path / "features.part-1-of-2.1.h5"]
+    assert join(tmp_path / "features.h5", parts, ["a", "b", "c"], merge)
+    with FeatureStore(tmp_path / "features.h5") as store:
+        assert store.classes == ["a", "b", "c"] and store.labels("train").tolist() == [1, 2, 0, 2]
