@@ -21,7 +21,8 @@ import torch.distributed as dist
 from pipeline import faults
 from pipeline.errors import UserError
 from pipeline.listing import DatasetListing, SplitListing
-from pipeline.store import BLOCK_ROWS, FeatureFiles, FeatureStore, Placement, Source, SplitIndex, StoreWriter, reserve_bytes
+from pipeline.store import (BLOCK_ROWS, FeatureFiles, FeatureStore, Placement, Source, SplitIndex, StoreWriter, relabelled,
+                            reserve_bytes)
 
 
 @dataclass(frozen=True)
@@ -148,12 +149,11 @@ def join(target: Path, parts: list[Path], classes: list[str], merge: bool = Fals
 
 
 def _relabelled(labels: np.ndarray, own: list[str], classes: list[str]) -> np.ndarray:
-    """A part's labels (into its ``own`` classes) as labels into ``classes``."""
-    lookup = np.array([classes.index(c) if c in classes else -1 for c in own], dtype=np.int64)
-    relabelled = lookup[labels]
-    if (relabelled < 0).any():
+    """A part's labels (into its ``own`` classes) as labels into ``classes``, all of which must be there."""
+    labels = relabelled(labels, own, classes)
+    if (labels < 0).any():
         raise UserError("a part file holds images of a class the dataset no longer has; run `make features FORCE=1 NPROC=...`")
-    return relabelled
+    return labels
 
 
 def _remove_other_versions(parts: list[Path]) -> None:

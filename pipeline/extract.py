@@ -292,7 +292,10 @@ def _assemble(location: FeatureFiles, attrs: dict, listing: DatasetListing, plan
     mapped = (previous is not None and previous.sources and all(s.name in own_segments for s in previous.sources)
               and all(previous.placement(s) is not None for s in previous.splits))
     kept = previous if mapped else None
-    new_rows, sources, placements = _layout(splits, kept, _rewritten(splits, kept))
+    layout = _layout(splits, kept, set())  # every row left where it is: the common append needs nothing more
+    if (rewrite := _rewritten(splits, kept, layout[2])) != set():
+        layout = _layout(splits, kept, rewrite)
+    new_rows, sources, placements = layout
     if any(len(rows) for rows in new_rows.values()):
         segment = location.new_segment()
         n_new = sum(len(picked) for picked in new_rows.values())
@@ -317,17 +320,17 @@ def _assemble(location: FeatureFiles, attrs: dict, listing: DatasetListing, plan
     return location.base
 
 
-def _rewritten(splits: dict[str, SplitRows], previous: FeatureStore | None) -> set[int] | None:
+def _rewritten(splits: dict[str, SplitRows], previous: FeatureStore | None, kept: dict[str, Placement]
+               ) -> set[int] | None:
     """Which of ``previous``'s segments the update copies into its new segment (None: all of them, or no previous):
     those holding more dead rows than live ones; then, newest first, each whose live rows are at most twice what the
     new segment holds by then (so segments shrink geometrically from oldest to newest: their number grows with the
     log of the updates, and each vector is copied about that many times, never a big segment for a small append);
     then the smallest while more than ``MAX_SEGMENTS`` would remain; all when the mapping would break into more than
-    ``MAX_RUNS`` runs."""
+    ``MAX_RUNS`` runs. ``kept``: the placements with every row left where it is."""
     if previous is None:
         return None
-    _, _, placements = _layout(splits, previous, set())
-    if sum(len(p.run_array()) for p in placements.values()) > MAX_RUNS:
+    if sum(len(p.run_array()) for p in kept.values()) > MAX_RUNS:
         return None
     live = np.zeros(len(previous.sources), dtype=np.int64)  # rows each old segment keeps
     written = 0  # rows the new segment gets

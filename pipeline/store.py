@@ -241,6 +241,12 @@ def content_digest(attrs: h5py.AttributeManager, indexes: dict[str, SplitIndex],
     return h.hexdigest()
 
 
+def relabelled(labels: np.ndarray, own: list[str], classes: list[str]) -> np.ndarray:
+    """``labels`` into the class names ``own`` as labels into ``classes``; -1 for a class ``classes`` lacks."""
+    numbers = {name: number for number, name in enumerate(classes)}
+    return np.array([numbers.get(name, -1) for name in own], dtype=np.int64)[labels]
+
+
 def _strings(dataset: h5py.Dataset) -> list[str]:
     return [os.fsdecode(s) if isinstance(s, bytes) else s for s in dataset[()]]
 
@@ -311,7 +317,6 @@ class FeatureStore:
         """A mapped split's paths and index arrays, read from its sources through its runs. A label indexes its own
         file's ``classes``, so a source written before a class was added is relabelled into this file's classes."""
         placement = self._placements[split]
-        classes = {name: number for number, name in enumerate(self.classes)}
         paths = np.empty(len(placement.rows), dtype=object)
         arrays: dict[str, np.ndarray] = {}
         for number in np.unique(placement.sources).tolist():
@@ -320,11 +325,10 @@ class FeatureStore:
             source = self._source_files[number]
             group = source[split]
             paths[mine] = np.array(_strings(group["paths"]), dtype=object)[rows]
-            relabel = np.array([classes.get(str(name), -1) for name in _plain(source.attrs["classes"])], dtype=np.int64)
             for name in INDEX_ARRAYS:
                 values = group[name][()][rows]
                 if name == "labels":
-                    values = relabel[values]
+                    values = relabelled(values, [str(c) for c in _plain(source.attrs["classes"])], self.classes)
                 arrays.setdefault(name, np.zeros((len(paths), *values.shape[1:]), dtype=values.dtype))[mine] = values
         empty = {"digests": np.zeros((0, DIGEST_BYTES), dtype=np.uint8)}
         return paths.tolist(), *(arrays.get(name, empty.get(name, np.zeros(0, dtype=np.int64))) for name in INDEX_ARRAYS)
