@@ -114,12 +114,14 @@ class EpochLog:
 
 
 def _rows(parts: list[torch.Tensor], labels: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``index`` of the concatenation of ``parts`` (and their labels), gathered without concatenating the parts."""
+    """Rows ``index`` of the concatenation of ``parts`` (and their labels), gathered without concatenating the parts
+    (by ``index_select``: on a CPU several times faster than indexing with a tensor, ``parts[0][index]``)."""
     if len(parts) == 1:
-        return parts[0][index], labels[0][index]
+        return parts[0].index_select(0, index), labels[0].index_select(0, index)
     first = index < len(parts[0])
-    later = index[~first] - len(parts[0])
-    return torch.cat([parts[0][index[first]], parts[1][later]]), torch.cat([labels[0][index[first]], labels[1][later]])
+    head, later = index[first], index[~first] - len(parts[0])
+    return (torch.cat([parts[0].index_select(0, head), parts[1].index_select(0, later)]),
+            torch.cat([labels[0].index_select(0, head), labels[1].index_select(0, later)]))
 
 
 class ValidatedClassifier(ClassifierMixin, BaseEstimator):
