@@ -41,7 +41,7 @@ PATH_FILE = "path.json"
 REFERENCE = ("fp32", "torch")
 COSINE_MIN = 0.999  # the least cosine similarity to the reference's vector that a faithful path keeps, per image
 MIN_GAIN = 1.1  # a path is chosen over the reference only when at least this much faster
-CALIBRATION_IMAGES = 64
+CALIBRATION_IMAGES = 64  # at least; a BATCH_SIZE above it is measured on one batch of that size
 CALIBRATION_PASSES = 2  # timed passes over the calibration images per candidate; the fastest counts
 
 
@@ -132,10 +132,10 @@ def candidates(device: torch.device, precision: str = "auto", runtime: str = "au
     return [(p, r) for p, r in pairs if precision in ("auto", p) and runtime in ("auto", r)]
 
 
-def _calibration_batch(listing: DatasetListing, backbone: Backbone) -> torch.Tensor | None:
-    """Up to ``CALIBRATION_IMAGES`` train images, spread over the listing, decoded and cropped as stage one does."""
+def _calibration_batch(listing: DatasetListing, backbone: Backbone, count: int) -> torch.Tensor | None:
+    """Up to ``count`` train images, spread over the listing, decoded and cropped as stage one does."""
     entries = listing.splits["train"].entries
-    picked = entries[::max(1, len(entries) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
+    picked = entries[::max(1, len(entries) // count)][:count]
     dataset = ImageFiles(listing.root, [(e.path, NO_VIEW) for e in picked], backbone.transform(), min_side=backbone.resize)
     _, images, _ = collate_good([dataset[i] for i in range(len(dataset))])
     return images
@@ -192,7 +192,7 @@ def resolve(settings: Settings, backbone: Backbone, device: torch.device, listin
         pass
     elif distributed or len(allowed) == 1:
         choice = PathChoice(*allowed[0], "not measured under torchrun" if distributed else "the only way", [], key)
-    elif (images := _calibration_batch(listing, backbone)) is None:
+    elif (images := _calibration_batch(listing, backbone, max(CALIBRATION_IMAGES, settings.batch_size))) is None:
         choice = PathChoice(*allowed[0], "no decodable train image to measure on", [], key)
     else:
         log.info(f"features: measuring {len(pairs)} ways to run {backbone.name} on {len(images)} of your images "

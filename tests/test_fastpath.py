@@ -76,6 +76,23 @@ def test_auto_measures_once_per_machine_and_picks_a_faithful_path(data, tmp_path
     assert (kept.precision, kept.runtime, why.measured) == ("fp32", "torch", []) and "kept" in why.reason
 
 
+def test_a_batch_size_above_the_calibration_images_is_measured_on_one_batch_of_that_size(data, tmp_path, monkeypatch):
+    seen = {}
+
+    def measure(backbone, model, device, pairs, images, batch_size, keep):
+        seen.update(images=len(images), batch_size=batch_size)
+        return [Measured(p, r, 1.0, 1.0, 1.0) for p, r in pairs]
+
+    monkeypatch.setattr(fastpath, "CALIBRATION_IMAGES", 4)
+    monkeypatch.setattr(fastpath, "_measure", measure)
+    settings = Settings(data=data, cache=tmp_path / "cache", backbone=LITE, batch_size=8)
+    resolve(settings, get_backbone(LITE), CPU, scan_dataset(data), "w")
+    assert seen == {"images": 8, "batch_size": 8}  # not a batch of 4: stage one runs batches of 8
+    resolve(dataclasses.replace(settings, batch_size=2, cache=tmp_path / "other"), get_backbone(LITE), CPU,
+            scan_dataset(data), "w")
+    assert seen == {"images": 4, "batch_size": 2}  # smaller batches: CALIBRATION_IMAGES in batches of 2
+
+
 def test_an_auto_cache_records_its_path_and_predict_serves_it(data, tmp_path, monkeypatch):
     choice = PathChoice("fp32", "openvino", "measured", measured(("fp32", "torch", 1, 1.0), ("fp32", "openvino", 3, 1.0)), {})
     real = fastpath.resolve
