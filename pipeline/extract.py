@@ -34,12 +34,13 @@ from torch.utils.data import DataLoader
 
 from pipeline import distributed, fastpath, faults, freshness
 from pipeline.backbones import Backbone, check_weights, get_backbone, load_backbone, weights_identity
+from pipeline.bulk import per_image
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.files import check_writable, disk_full_as_user_error
 from pipeline.freshness import ExtractSummary
 from pipeline.images import ImageFiles, collate_good, file_digest, jpeg_decoder
-from pipeline.listing import AUGMENTED, NO_VIEW, BadImage, DatasetListing, augmented_views, scan_dataset
+from pipeline.listing import AUGMENTED, DIGEST_BYTES, NO_VIEW, BadImage, DatasetListing, augmented_views, scan_dataset
 from pipeline.inference import RUNTIME_PACKAGES, check_runtime, kept_model, prepare, resolve_device, runtime_installed
 from pipeline.partial import ChunkRow, PartialRun
 from pipeline.progress import progress
@@ -122,6 +123,7 @@ class Plan:
                 self.repaired += 1
 
 
+@per_image
 def _plan(listing: DatasetListing, previous: FeatureStore | None, partial_done: dict[ImageKey, ChunkRow]) -> Plan:
     plan = Plan(listing_changed=previous is None or previous.attrs.get("data_root") != str(listing.root.resolve()),
                 listed={split: listed_keys(listing, split) for split in listing.splits})
@@ -135,9 +137,8 @@ def _plan(listing: DatasetListing, previous: FeatureStore | None, partial_done: 
             old_listing_skips = {(s.path, s.reason) for s in index.skipped if s.size < 0}
             new_listing_skips = {(s.path, s.reason) for s in listing.splits[split].skipped} if split in listing.splits else set()
             plan.listing_changed |= old_listing_skips != new_listing_skips
-        current = set()
-        for key, _ in plan.listed.get(split, []):
-            current.add(key)
+        listed, found_stored = plan.listed.get(split, []), 0
+        for key, _ in listed:
             found = stored.get(key)
             if isinstance(found, int):
                 plan.old_rows[key] = found
@@ -147,7 +148,9 @@ def _plan(listing: DatasetListing, previous: FeatureStore | None, partial_done: 
                 plan.resumed += 1
             else:
                 plan.todo.append(key)
-        plan.removed += len({(k.path, k.view) for k in stored} - {(k.path, k.view) for k in current})
+            found_stored += found is not None
+        if found_stored < len(stored):  # some stored image is not listed as it was: removed, or changed in place
+            plan.removed += len({(k.path, k.view) for k in stored} - {(k.path, k.view) for k, _ in listed})
     return plan
 
 
@@ -249,20 +252,23 @@ class SplitRows:
         return SplitIndex.build(rows, self.skipped if isinstance(keep, slice) else [])
 
 
-def _split_rows(split: str, listing: DatasetListing, plan: Plan, old_digests: dict[ImageKey, bytes],
+def _split_rows(split: str, listing: DatasetListing, plan: Plan, previous: FeatureStore | None,
                 partial: PartialRun) -> SplitRows:
     out = SplitRows(skipped=[SkipRecord(s.path, s.reason) for s in listing.splits[split].skipped])
+    stored = previous.index(split).digests.tobytes() if previous is not None and split in previous.splits else b""
+    old_rows, old_skips = plan.old_rows, plan.old_skips
     for key, label in plan.listed[split]:
-        if key in plan.old_rows:
-            source, digest, reason = plan.old_rows[key], old_digests[key], ""
-        elif key in plan.old_skips:
-            source, digest, reason = None, b"", plan.old_skips[key]
-        else:
-            source = partial.done[key]
-            digest, reason = source.digest, source.reason
-        if reason:
+        if (row := old_rows.get(key)) is not None:
+            source, digest = row, stored[DIGEST_BYTES * row:DIGEST_BYTES * (row + 1)]
+        elif (reason := old_skips.get(key)) is not None:
             out.skipped.append(SkipRecord(key.path, reason, key.size, key.mtime_ns, key.view))
             continue
+        else:
+            source = partial.done[key]
+            if source.reason:
+                out.skipped.append(SkipRecord(key.path, source.reason, key.size, key.mtime_ns, key.view))
+                continue
+            digest = source.digest
         out.sources.append((key, source))
         out.rows.append((key, label, digest))
     return out
@@ -272,14 +278,14 @@ MAX_SEGMENTS = 16  # an update that would leave more copies the smallest into it
 MAX_RUNS = 4096  # a mapping broken into more runs (each a mapping of the virtual dataset) is compacted into one segment
 
 
+@per_image
 def _assemble(location: FeatureFiles, attrs: dict, listing: DatasetListing, plan: Plan, previous: FeatureStore | None,
               partial: PartialRun, feature_dim: int, dtype: type) -> Path:
     """Write the updated file and return its path: a plain file, or (segmented) a new segment holding the new vectors
     (and those of the old segments it replaces, see ``_rewritten``) and a new ``features.h5`` mapping every row from
     the segments by runs."""
-    old_digests = _stored_digests(previous) if previous is not None else {}
-    splits = {split: _split_rows(split, listing, plan, old_digests, partial) for split in listing.splits}
-    path_bytes = sum(len(os.fsencode(key.path)) for rows in splits.values() for key, _, _ in rows.rows)
+    splits = {split: _split_rows(split, listing, plan, previous, partial) for split in listing.splits}
+    path_bytes = len(os.fsencode("".join(key.path for rows in splits.values() for key, _, _ in rows.rows)))
     n_rows = sum(len(rows.rows) for rows in splits.values())
     if not location.segmented:
         target = location.new()
@@ -299,7 +305,8 @@ def _assemble(location: FeatureFiles, attrs: dict, listing: DatasetListing, plan
     if any(len(rows) for rows in new_rows.values()):
         segment = location.new_segment()
         n_new = sum(len(picked) for picked in new_rows.values())
-        new_bytes = sum(len(os.fsencode(rows.rows[i][0].path)) for split, rows in splits.items() for i in new_rows[split])
+        new_bytes = len(os.fsencode("".join(rows.rows[i][0].path for split, rows in splits.items()
+                                            for i in new_rows[split])))
         with StoreWriter(segment, attrs, reserve=reserve_bytes(n_new, new_bytes, feature_dim, dtype)) as writer:
             for split, rows in splits.items():
                 picked = new_rows[split]

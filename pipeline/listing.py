@@ -15,6 +15,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from pipeline.bulk import per_image
 from pipeline.errors import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision ImageFolder's (a test keeps them equal)
@@ -233,6 +234,7 @@ def _scan_class(root: Path, split: str, name: str, label: int) -> tuple[list[Ima
     return entries, skipped
 
 
+@per_image
 def scan_dataset(root: Path) -> DatasetListing:
     """List ``root/{train,test}/<class>/*`` in sorted order; classes come from train."""
     root = Path(root)

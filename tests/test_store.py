@@ -11,7 +11,8 @@ import pytest
 from conftest import make_images
 from pipeline.config import Settings
 from pipeline.extract import extract
-from pipeline.store import FeatureStore, ImageKey, Placement, Source, SplitIndex, StoreWriter, content_digest, features_file
+from pipeline.store import (FeatureStore, ImageKey, Placement, Source, SplitIndex, StoreWriter, _strings, content_digest,
+                            encoded, features_file)
 
 DIM = 3
 ATTRS = {"fingerprint": "{}", "backbone": "test", "feature_dim": DIM, "classes": ["a", "b"]}
@@ -190,3 +191,12 @@ def test_a_join_labels_every_part_by_the_listings_classes(tmp_path, merge):
     assert join(tmp_path / "features.h5", parts, ["a", "b", "c"], merge)
     with FeatureStore(tmp_path / "features.h5") as store:
         assert store.classes == ["a", "b", "c"] and store.labels("train").tolist() == [1, 2, 0, 2]
+
+
+@pytest.mark.parametrize("names", [[], [""], ["a", "", "b"], ["cat/\udcff\udcfe.jpg", "ünï/cödé.png", "a b\tc"]])
+def test_names_encode_and_decode_in_one_call_as_one_by_one(tmp_path, names):
+    assert encoded(names) == [os.fsencode(n) for n in names]  # odd bytes (surrogate escapes), empty names
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("s", data=np.array(encoded(names), dtype=object), dtype=h5py.vlen_dtype(bytes))
+        assert _strings(f["s"]) == names
+    assert encoded(["nul\0inside", "x"]) == [b"nul\0inside", b"x"]  # a NUL (no file name has one): one by one
