@@ -152,6 +152,11 @@ def built(n: int, args: argparse.Namespace, work: Path) -> dict:
     return made
 
 
+def remove_added(data: Path) -> None:
+    for added in [*data.glob("train/*/warm-*.png"), *data.glob("train/*/added-*.png")]:
+        added.unlink()
+
+
 def measure(n: int, args: argparse.Namespace, work: Path) -> dict:
     """Time each command on the dataset and store for ``n`` train images. An unmeasured ``features`` first brings
     the store up to date (after a reused build: pipeline code changed since); ``train-head`` and ``report`` run on the
@@ -167,6 +172,7 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict:
     location = ["--cache", cache, "--backbone", BACKBONE]
     features = [*common, "features", "--data", data, *location, "--storage", args.storage]
 
+    remove_added(data)  # left by an interrupted run
     run(features)
     floor = run(["-c", "import pipeline.train"])  # what stage two's libraries alone hold (torch's CUDA build: more)
     train = run([*common, "train-head", *location])
@@ -181,8 +187,7 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict:
     before = files_of(cache / BACKBONE)
     add = run(features)
     new = {p: size for p, (size, mtime) in files_of(cache / BACKBONE).items() if before.get(p) != (size, mtime)}
-    for added in [*data.glob("train/*/warm-*.png"), *data.glob("train/*/added-*.png")]:  # a reused build stays as built
-        added.unlink()
+    remove_added(data)  # a reused build stays as built
     run(features)
     return row | {
         "noop_s": noop["s"], "noop_in_run_s": in_run_seconds(noop["stdout"]), "noop_rss_mb": noop["rss_mb"],
@@ -211,13 +216,20 @@ HEADER = ("| N train | no-op s (in run) | add 10 s (in run) | add 10: MB written
           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
+def above_libraries(r: dict) -> str:
+    """train-head's peak RSS above what its libraries alone hold, against the train matrix ("-" in rows measured
+    before the bench recorded them)."""
+    if "libraries_rss_mb" not in r:
+        return "-"
+    above = r["train_head_rss_mb"] - r["libraries_rss_mb"]
+    return f"{above:.0f} / {r['train_matrix_mb']:.0f} MB = {above / r['train_matrix_mb']:.2f}x"
+
+
 def table_row(r: dict) -> str:
     return (f"| {r['n']:,} | {r['noop_s']:.2f} ({r['noop_in_run_s']:.1f}) | {r['add_s']:.2f} ({r['add_in_run_s']:.1f}) "
             f"| {r['add_written_mb']:.1f} ({r['add_new_files_mb']:.1f}) | {r['train_head_s']:.1f} ({r['head_s']:.1f}, "
             f"{r['logreg_s']:.1f}) | {r['report_s']:.1f} ({r['n_test']:,}) | {r['noop_rss_mb']:.0f}, {r['add_rss_mb']:.0f}, "
-            f"{r['train_head_rss_mb']:.0f}, {r['report_rss_mb']:.0f} | {r['train_head_rss_mb'] - r['libraries_rss_mb']:.0f} "
-            f"/ {r['train_matrix_mb']:.0f} MB = {(r['train_head_rss_mb'] - r['libraries_rss_mb']) / r['train_matrix_mb']:.2f}x "
-            f"| {r['head_test_accuracy']:.3f}, "
+            f"{r['train_head_rss_mb']:.0f}, {r['report_rss_mb']:.0f} | {above_libraries(r)} | {r['head_test_accuracy']:.3f}, "
             f"{r['logreg_test_accuracy']:.3f} |")
 
 
