@@ -114,7 +114,7 @@ def join(target: Path, parts: list[Path], classes: list[str], merge: bool = Fals
             classes=list(classes),
         )
         rows = sum(len(s.paths(split)) for s in stores for split in s.splits)
-        path_bytes = sum(len(os.fsencode(p)) for s in stores for split in s.splits for p in s.paths(split))
+        path_bytes = len(os.fsencode("".join(p for s in stores for split in s.splits for p in s.paths(split))))
         reserve = reserve_bytes(rows if merge else 0, path_bytes, first.feature_dim, np.float32)
         with StoreWriter(target, attrs, sources=[] if merge else sources, reserve=reserve) as writer:
             for split in first.splits:

@@ -342,10 +342,10 @@ def _rewritten(splits: dict[str, SplitRows], previous: FeatureStore | None, kept
     live = np.zeros(len(previous.sources), dtype=np.int64)  # rows each old segment keeps
     written = 0  # rows the new segment gets
     for split, rows in splits.items():
-        kept = [source for _, source in rows.sources if isinstance(source, int)]
-        written += len(rows.sources) - len(kept)
-        if kept and split in previous.splits:
-            live += np.bincount(previous.placement(split).sources[kept], minlength=len(live))
+        old_rows = [source for _, source in rows.sources if isinstance(source, int)]
+        written += len(rows.sources) - len(old_rows)
+        if old_rows and split in previous.splits:
+            live += np.bincount(previous.placement(split).sources[old_rows], minlength=len(live))
     stored = [sum(source.rows.values()) for source in previous.sources]
     alive = np.flatnonzero(live).tolist()  # oldest first: a new segment is numbered last
     rewrite = {n for n in alive if 2 * live[n] < stored[n]}

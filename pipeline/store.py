@@ -605,8 +605,8 @@ class StoreWriter:
     @staticmethod
     def _add_skipped(group: h5py.Group, index: SplitIndex) -> None:
         skipped = group.create_group("skipped")
-        skipped.create_dataset("paths", data=np.array([os.fsencode(s.path) for s in index.skipped], dtype=object), dtype=_BYTES)
-        skipped.create_dataset("reasons", data=np.array([os.fsencode(s.reason) for s in index.skipped], dtype=object), dtype=_BYTES)
+        for name, texts in (("paths", [s.path for s in index.skipped]), ("reasons", [s.reason for s in index.skipped])):
+            skipped.create_dataset(name, data=np.array(encoded(texts), dtype=object), dtype=_BYTES)
         skipped.create_dataset("sizes", data=np.array([s.size for s in index.skipped], dtype=np.int64))
         skipped.create_dataset("mtimes", data=np.array([s.mtime_ns for s in index.skipped], dtype=np.int64))
         skipped.create_dataset("views", data=np.array([s.view for s in index.skipped], dtype=np.int64))
