@@ -15,6 +15,7 @@ and redoes what changed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import itertools
 import json
@@ -508,8 +509,9 @@ def _update(settings: Settings, listing: DatasetListing, backbone: Backbone, exp
             forward, seconds, extracted = None, {"images": 0.0, "views": 0.0}, {"images": 0, "views": 0}
             while True:
                 if plan.todo and forward is None:
-                    forward = prepare(backbone, load_backbone(backbone, settings.weights), device, settings.precision,
-                                      settings.runtime, kept_model(base.parent, backbone, expected["weights"]))
+                    forward = prepare(backbone, functools.partial(load_backbone, backbone, settings.weights), device,
+                                      settings.precision, settings.runtime,
+                                      kept_model(base.parent, backbone, expected["weights"]))
                 for name, keys in (("images", [k for k in plan.todo if k.view == NO_VIEW]),
                                    ("views", [k for k in plan.todo if k.view != NO_VIEW])):
                     started = time.perf_counter()

@@ -96,10 +96,11 @@ def kept_model(folder: Path, backbone: Backbone, weights: str) -> Path:
     return Path(folder) / f"openvino-{hashlib.sha256(json.dumps(made_by).encode()).hexdigest()[:16]}"
 
 
-def _converted(model: nn.Module, crop: int, keep: Path | None):
-    """The OpenVINO model of ``model``: read from ``keep`` (``<keep>.xml`` and ``.bin``, checked against the sha256 of
-    each in ``<keep>.json``) when it holds a good copy, else converted (which traces the model: seconds) and, with
-    ``keep``, saved there for the next run. A missing, partial or damaged copy is converted again."""
+def _converted(model: Callable[[], nn.Module], crop: int, keep: Path | None):
+    """The OpenVINO model of ``model()``: read from ``keep`` (``<keep>.xml`` and ``.bin``, checked against the sha256 of
+    each in ``<keep>.json``) when it holds a good copy (``model`` is then not called), else converted (which traces the
+    model: seconds) and, with ``keep``, saved there for the next run. A missing, partial or damaged copy is converted
+    again."""
     import openvino as ov
 
     files = {suffix: keep.with_name(keep.name + suffix) for suffix in (".xml", ".bin")} if keep else {}
@@ -115,7 +116,7 @@ def _converted(model: nn.Module, crop: int, keep: Path | None):
         # OpenVINO traces with torch.jit, which warns of its deprecation and of Normalize's constant mean and std
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        converted = ov.convert_model(model, example_input=example, input=[-1, 3, crop, crop])
+        converted = ov.convert_model(model(), example_input=example, input=[-1, 3, crop, crop])
     if keep is not None:
         with contextlib.suppress(OSError, RuntimeError):  # a copy not kept costs the next run a conversion, nothing else
             record.unlink(missing_ok=True)
@@ -124,7 +125,8 @@ def _converted(model: nn.Module, crop: int, keep: Path | None):
     return converted
 
 
-def _openvino(model: nn.Module, crop: int, precision: str, keep: Path | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def _openvino(model: Callable[[], nn.Module], crop: int, precision: str, keep: Path | None
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
     """OpenVINO on the CPU in throughput mode: each batch is split over the compiled model's parallel streams (one
     infer request each, run at once), which keeps the cores busier than one request over all of them; the rows come
     back in order, each computed as a latency-mode run computes it."""
@@ -150,21 +152,26 @@ def _openvino(model: nn.Module, crop: int, precision: str, keep: Path | None) ->
     return run
 
 
-def prepare(backbone: Backbone, model: nn.Module, device: torch.device, precision: str = "fp32",
-            runtime: str = "torch", keep: Path | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def prepare(backbone: Backbone, model: nn.Module | Callable[[], nn.Module], device: torch.device,
+            precision: str = "fp32", runtime: str = "torch", keep: Path | None = None
+            ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function from a batch of uint8 images (on CPU, from ``backbone.transform()``) to float32 vectors
-    (on CPU), run the chosen way; the images are normalised on the device, as the model's first layers. ``keep``:
-    where OpenVINO's converted model is kept between runs (see ``_converted``); the caller names it by what made
-    ``model`` (backbone, weights, library versions)."""
+    (on CPU), run the chosen way; the images are normalised on the device, as the model's first layers. ``model``:
+    the backbone's module, or a function that loads it, called only when it is needed (an OpenVINO model kept in
+    ``keep`` needs none). ``keep``: where OpenVINO's converted model is kept between runs (see ``_converted``); the
+    caller names it by what made ``model`` (backbone, weights, library versions)."""
     check_value("precision", precision)
     check_value("runtime", runtime)
     check_runtime(runtime, device, precision)
     if device.type == "cpu":
         keep_freed_memory()
-    model = nn.Sequential(backbone.normalize(), model)
+
+    def normalised() -> nn.Module:
+        return nn.Sequential(backbone.normalize(), model if isinstance(model, nn.Module) else model())
+
     if runtime == "openvino":
-        return _openvino(model, backbone.crop, precision, keep)
-    model = model.to(device, memory_format=torch.channels_last)
+        return _openvino(normalised, backbone.crop, precision, keep)
+    model = normalised().to(device, memory_format=torch.channels_last)
     if runtime == "compile":
         model = torch.compile(model, dynamic=False)
     dtype = _autocast_dtype(device, precision)

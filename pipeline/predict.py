@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import functools
 import io
 import json
 import os
@@ -75,8 +76,9 @@ def _vectors(settings: Settings, backbone: Backbone, weights: str,
     file's (digest, skip reason) by index); no cache. PRECISION and RUNTIME "auto" are those of the backbone's feature
     file, so the vectors are made as the cached ones were."""
     settings = served(settings, stated_fingerprint(features_file(settings.backbone_dir())))
-    forward = prepare(backbone, load_backbone(backbone, settings.weights), resolve_device(settings.device),
-                      settings.precision, settings.runtime, kept_model(settings.backbone_dir(), backbone, weights))
+    forward = prepare(backbone, functools.partial(load_backbone, backbone, settings.weights),
+                      resolve_device(settings.device), settings.precision, settings.runtime,
+                      kept_model(settings.backbone_dir(), backbone, weights))
     dataset = ImageFiles(Path("/"), [(str(p.resolve()), NO_VIEW) for p in files], backbone.transform(), min_side=backbone.resize)
     loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate_good, num_workers=max(settings.workers, 0))
     for indices, images, outcomes in loader:
