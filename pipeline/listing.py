@@ -73,8 +73,8 @@ class DatasetListing:
         for split in SPLITS:
             part = self.splits[split]
             fields += [split, len(part.entries), len(part.skipped)]
-            fields += [value for e in part.entries for value in (e.path, e.label, e.size, e.mtime_ns)]
-            fields += [value for s in part.skipped for value in (s.path, s.reason)]
+            fields += [f"{e.path}\0{e.label}\0{e.size}\0{e.mtime_ns}" for e in part.entries]  # one string per file
+            fields += [f"{s.path}\0{s.reason}" for s in part.skipped]
         return digest(fields)
 
 
