@@ -1,5 +1,8 @@
+import gc
 import sys
 
 from pipeline.cli import main
 
-sys.exit(main())
+status = main()
+gc.freeze()  # the exit then frees what is left without the collector walking every object torch and its kin made
+sys.exit(status)

@@ -6,12 +6,15 @@ scikit-learn or matplotlib."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 import traceback
 from pathlib import Path
+from types import ModuleType
 
+from pipeline.bulk import collector_paused
 from pipeline.config import DEFAULTS, SETTING_FIELDS, Settings
 from pipeline.errors import UserError
 from pipeline.runs import SWEPT
@@ -34,11 +37,16 @@ NEEDS = {"train-head": "features.h5", "sweep": "features.h5", "report": TRAINED,
          "export": TRAINED}  # what each reads from CACHE/<backbone>
 
 
-def _run_data(settings: Settings, data: Path | None) -> None:
-    from pipeline.download import SEED_DATA_URL, fetch_dataset
+def _imported(module: str) -> ModuleType:
+    """``pipeline.<module>``, imported when its command runs, with the cyclic collector paused (``pipeline.bulk``)."""
+    with collector_paused():
+        return importlib.import_module(f"pipeline.{module}")
 
-    if fetch_dataset(settings.data):
-        print(f"data: {SEED_DATA_URL} unpacked into {settings.data}")
+
+def _run_data(settings: Settings, data: Path | None) -> None:
+    download = _imported("download")
+    if download.fetch_dataset(settings.data):
+        print(f"data: {download.SEED_DATA_URL} unpacked into {settings.data}")
     else:
         print(f"data: {settings.data} already holds train/ and test/")
 
@@ -52,21 +60,15 @@ def _run_features(settings: Settings, data: Path | None) -> None:
 
 
 def _run_train(settings: Settings, data: Path | None) -> None:
-    from pipeline.train import train
-
-    train(settings, data)
+    _imported("train").train(settings, data)
 
 
 def _run_sweep(settings: Settings, data: Path | None, grid: dict[str, list]) -> None:
-    from pipeline.sweep import sweep
-
-    sweep(settings, grid, data)
+    _imported("sweep").sweep(settings, grid, data)
 
 
 def _run_report(settings: Settings, data: Path | None) -> None:
-    from pipeline.report import report
-
-    report(settings, data)
+    _imported("report").report(settings, data)
 
 
 def _run_all(settings: Settings, data: Path | None) -> None:
@@ -76,11 +78,11 @@ def _run_all(settings: Settings, data: Path | None) -> None:
 
 
 def _run_predict(settings: Settings, data: Path | None, images: list[Path]) -> None:
-    from pipeline.predict import predict, render
     from pipeline.listing import shown
 
-    predictions = predict(settings, images, settings.model, settings.top_k)
-    print(render(predictions, settings.format, settings.top_k))
+    predict = _imported("predict")
+    predictions = predict.predict(settings, images, settings.model, settings.top_k)
+    print(predict.render(predictions, settings.format, settings.top_k))
     if settings.format != "text":
         for p in predictions:
             if p.skipped:
@@ -88,22 +90,16 @@ def _run_predict(settings: Settings, data: Path | None, images: list[Path]) -> N
 
 
 def _run_export(settings: Settings, data: Path | None) -> None:
-    from pipeline.export import export
-
-    for kind, written in export(settings).items():
+    for kind, written in _imported("export").export(settings).items():
         print(f"export: {kind}: {written}")
 
 
 def _run_compare(settings: Settings, data: Path | None) -> None:
-    from pipeline.compare import compare
-
-    compare(settings)
+    _imported("compare").compare(settings)
 
 
 def _list_backbones(settings: Settings, data: Path | None) -> None:
-    from pipeline.backbones import BACKBONES
-
-    for b in BACKBONES.values():
+    for b in _imported("backbones").BACKBONES.values():
         source = f"torchvision {type(b.weights).__name__}.{b.weights.name}" if b.weights else "packaged with pip (offline)"
         print(f"{b.name:<20} {b.feature_dim:>5}-d  input {b.crop}px  weights: {source}")
 
