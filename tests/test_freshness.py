@@ -131,6 +131,20 @@ def test_an_up_to_date_command_never_imports_torch(cached):
     assert "features: up to date" in result.stdout and result.stdout.strip().endswith("[]")
 
 
+@pytest.mark.slow  # a fresh process: the import is counted only where it happens
+def test_a_run_with_work_counts_its_import_of_torch_in_its_seconds_and_leaves_the_collector_on(cached):
+    (cached.data / "train/cat/added.png").write_bytes((cached.data / "train/dog/dog0.png").read_bytes())
+    code = ("import gc, json; from pathlib import Path; from pipeline.config import Settings; "
+            "from pipeline.freshness import bring_up_to_date; "
+            f"s = bring_up_to_date(Settings(data=Path({str(cached.data)!r}), cache=Path({str(cached.cache)!r}), "
+            f"backbone={cached.backbone!r})); "
+            "print(json.dumps([s.extracted, s.import_seconds, s.seconds, gc.isenabled()]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    extracted, imported, seconds, collecting = json.loads(result.stdout.splitlines()[-1])
+    assert extracted == 1 and 0 < imported < seconds and collecting
+
+
 def test_identical_files_across_splits_and_classes_are_found_and_remembered(cached):
     import shutil
 
