@@ -86,13 +86,24 @@ def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16
 
 
+KEPT_MODEL_PACKAGES = ("torch", "torchvision", "efficientnet-lite-pytorch", "openvino")  # they define the graph
+
+
 def kept_model(folder: Path, backbone: Backbone, weights: str) -> Path:
     """Where, in ``folder``, the OpenVINO model converted from ``backbone`` with ``weights`` is kept: named by what
-    makes it (backbone, weights, input size, torch and openvino versions). Only RUNTIME=openvino reads or writes it."""
+    makes its graph (backbone, weights, input size, normalisation, the layer replaced, the versions of
+    ``KEPT_MODEL_PACKAGES``, and the code that builds backbones), so a change to any of them converts anew. Only
+    RUNTIME=openvino reads or writes it."""
     import importlib.metadata
 
-    openvino = importlib.metadata.version("openvino") if runtime_installed("openvino") else "missing"
-    made_by = [backbone.name, weights, backbone.crop, torch.__version__, openvino]
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "missing"
+
+    made_by = [backbone.name, weights, backbone.crop, backbone.mean, backbone.std, backbone.classifier,
+               *map(version, KEPT_MODEL_PACKAGES), file_sha256(Path(__file__).with_name("backbones.py"))]
     return Path(folder) / f"openvino-{hashlib.sha256(json.dumps(made_by).encode()).hexdigest()[:16]}"
 
 
@@ -111,12 +122,12 @@ def _converted(model: Callable[[], nn.Module], crop: int, keep: Path | None):
                 return ov.Core().read_model(files[".xml"])
         except (OSError, ValueError, RuntimeError):
             pass
-    example = torch.zeros(1, 3, crop, crop, dtype=torch.uint8)
+    example, module = torch.zeros(1, 3, crop, crop, dtype=torch.uint8), model()
     with warnings.catch_warnings():
         # OpenVINO traces with torch.jit, which warns of its deprecation and of Normalize's constant mean and std
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        converted = ov.convert_model(model(), example_input=example, input=[-1, 3, crop, crop])
+        converted = ov.convert_model(module, example_input=example, input=[-1, 3, crop, crop])
     if keep is not None:
         with contextlib.suppress(OSError, RuntimeError):  # a copy not kept costs the next run a conversion, nothing else
             record.unlink(missing_ok=True)
@@ -171,9 +182,9 @@ def prepare(backbone: Backbone, model: nn.Module | Callable[[], nn.Module], devi
 
     if runtime == "openvino":
         return _openvino(normalised, backbone.crop, precision, keep)
-    model = normalised().to(device, memory_format=torch.channels_last)
+    module = normalised().to(device, memory_format=torch.channels_last)
     if runtime == "compile":
-        model = torch.compile(model, dynamic=False)
+        module = torch.compile(module, dynamic=False)
     dtype = _autocast_dtype(device, precision)
     compiled_batch = 0
 
@@ -186,6 +197,6 @@ def prepare(backbone: Backbone, model: nn.Module | Callable[[], nn.Module], devi
                 images = torch.cat([images, images.new_zeros(compiled_batch - count, *images.shape[1:])])
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            return model(images)[:count].float().cpu()
+            return module(images)[:count].float().cpu()
 
     return run

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
+
 import h5py
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from conftest import run_cli
 from pipeline.backbones import get_backbone, load_backbone
 from pipeline.errors import UserError
 from pipeline.images import load_rgb
-from pipeline.inference import check_runtime, prepare
+from pipeline.inference import check_runtime, kept_model, prepare
 
 CPU = torch.device("cpu")
 
@@ -154,3 +157,15 @@ def test_openvino_keeps_its_converted_model_and_converts_again_when_it_is_damage
     torch.testing.assert_close(again, expected, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(prepare(*lite0, CPU, runtime="openvino", keep=keep)(images), again, rtol=1e-4, atol=1e-5)
     assert conversions == [1]
+
+
+def test_the_kept_model_is_named_by_everything_that_makes_its_graph(tmp_path, monkeypatch):
+    backbone = get_backbone("efficientnet_lite0")
+    name = kept_model(tmp_path, backbone, "w")
+    assert kept_model(tmp_path, backbone, "w") == name and name.parent == tmp_path
+    assert kept_model(tmp_path, backbone, "other weights") != name
+    assert kept_model(tmp_path, dataclasses.replace(backbone, mean=(0.5, 0.5, 0.5)), "w") != name
+    assert kept_model(tmp_path, dataclasses.replace(backbone, classifier="fc"), "w") != name
+    version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda p: "0.0" if p == "torchvision" else version(p))
+    assert kept_model(tmp_path, backbone, "w") != name
