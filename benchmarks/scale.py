@@ -124,11 +124,11 @@ def run(args: list[str]) -> dict:
 
 
 def in_run_seconds(stdout: str) -> tuple[float, float]:
-    """The seconds on the summary line of `features` (``features: ... | 4.3 s (2.6 s of it importing torch)``), and
+    """The seconds on the summary line of `features` (``features: ... | S s, ..., I s of it importing torch``), and
     of them those spent importing (0 when the run imported nothing)."""
     line = next(line for line in stdout.splitlines() if line.startswith("features: "))
-    seconds = re.search(r"\| ([\d.]+) s(?: \(([\d.]+) s of it importing)?", line)
-    return float(seconds.group(1)), float(seconds.group(2) or 0)
+    imported = re.search(r"([\d.]+) s of it importing", line)
+    return float(re.search(r"\| ([\d.]+) s", line).group(1)), float(imported.group(1)) if imported else 0.0
 
 
 def files_of(folder: Path) -> dict[Path, tuple[int, int]]:

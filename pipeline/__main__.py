@@ -4,5 +4,7 @@ import sys
 from pipeline.cli import main
 
 status = main()
-gc.freeze()  # the exit then frees what is left without the collector walking every object torch and its kin made
+# Every file and lock is closed by now; the exit then frees what is left without the collector walking every
+# object torch and its kin made (a cycle left now is not finalized).
+gc.freeze()
 sys.exit(status)

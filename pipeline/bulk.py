@@ -1,7 +1,7 @@
-"""Work that makes many objects none of which is garbage runs with the cyclic garbage collector paused: listings,
-store indexes and update plans (a few tuples and strings per image, no reference cycles; at 10^6 images the
-collector's passes over them were most of that work), and the import of torch and the libraries around it (modules,
-classes and functions by the hundred thousand, all kept). ``make bench`` measures both."""
+"""Work that makes many objects none of which is garbage runs with the cyclic garbage collector paused, whose passes
+over them would find nothing to free: listings, store indexes and update plans (a few tuples and strings per image,
+no reference cycles), and the import of torch and the libraries around it (modules, classes and functions, all
+kept)."""
 
 from __future__ import annotations
 

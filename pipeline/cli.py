@@ -1,18 +1,16 @@
 """``python -m pipeline <command>``: a thin layer over the library; flags come from ``config.Settings``.
 
 Each command imports only the modules it runs, so `features` (a no-op, most of the time) never loads
-scikit-learn or matplotlib."""
+scikit-learn or matplotlib, and imports them with the cyclic collector paused (``pipeline.bulk``)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 import traceback
 from pathlib import Path
-from types import ModuleType
 
 from pipeline.bulk import collector_paused
 from pipeline.config import DEFAULTS, SETTING_FIELDS, Settings
@@ -37,16 +35,11 @@ NEEDS = {"train-head": "features.h5", "sweep": "features.h5", "report": TRAINED,
          "export": TRAINED}  # what each reads from CACHE/<backbone>
 
 
-def _imported(module: str) -> ModuleType:
-    """``pipeline.<module>``, imported when its command runs, with the cyclic collector paused (``pipeline.bulk``)."""
-    with collector_paused():
-        return importlib.import_module(f"pipeline.{module}")
-
-
 def _run_data(settings: Settings, data: Path | None) -> None:
-    download = _imported("download")
-    if download.fetch_dataset(settings.data):
-        print(f"data: {download.SEED_DATA_URL} unpacked into {settings.data}")
+    with collector_paused():
+        from pipeline.download import SEED_DATA_URL, fetch_dataset
+    if fetch_dataset(settings.data):
+        print(f"data: {SEED_DATA_URL} unpacked into {settings.data}")
     else:
         print(f"data: {settings.data} already holds train/ and test/")
 
@@ -60,15 +53,21 @@ def _run_features(settings: Settings, data: Path | None) -> None:
 
 
 def _run_train(settings: Settings, data: Path | None) -> None:
-    _imported("train").train(settings, data)
+    with collector_paused():
+        from pipeline.train import train
+    train(settings, data)
 
 
 def _run_sweep(settings: Settings, data: Path | None, grid: dict[str, list]) -> None:
-    _imported("sweep").sweep(settings, grid, data)
+    with collector_paused():
+        from pipeline.sweep import sweep
+    sweep(settings, grid, data)
 
 
 def _run_report(settings: Settings, data: Path | None) -> None:
-    _imported("report").report(settings, data)
+    with collector_paused():
+        from pipeline.report import report
+    report(settings, data)
 
 
 def _run_all(settings: Settings, data: Path | None) -> None:
@@ -80,9 +79,10 @@ def _run_all(settings: Settings, data: Path | None) -> None:
 def _run_predict(settings: Settings, data: Path | None, images: list[Path]) -> None:
     from pipeline.listing import shown
 
-    predict = _imported("predict")
-    predictions = predict.predict(settings, images, settings.model, settings.top_k)
-    print(predict.render(predictions, settings.format, settings.top_k))
+    with collector_paused():
+        from pipeline.predict import predict, render
+    predictions = predict(settings, images, settings.model, settings.top_k)
+    print(render(predictions, settings.format, settings.top_k))
     if settings.format != "text":
         for p in predictions:
             if p.skipped:
@@ -90,16 +90,22 @@ def _run_predict(settings: Settings, data: Path | None, images: list[Path]) -> N
 
 
 def _run_export(settings: Settings, data: Path | None) -> None:
-    for kind, written in _imported("export").export(settings).items():
+    with collector_paused():
+        from pipeline.export import export
+    for kind, written in export(settings).items():
         print(f"export: {kind}: {written}")
 
 
 def _run_compare(settings: Settings, data: Path | None) -> None:
-    _imported("compare").compare(settings)
+    with collector_paused():
+        from pipeline.compare import compare
+    compare(settings)
 
 
 def _list_backbones(settings: Settings, data: Path | None) -> None:
-    for b in _imported("backbones").BACKBONES.values():
+    with collector_paused():
+        from pipeline.backbones import BACKBONES
+    for b in BACKBONES.values():
         source = f"torchvision {type(b.weights).__name__}.{b.weights.name}" if b.weights else "packaged with pip (offline)"
         print(f"{b.name:<20} {b.feature_dim:>5}-d  input {b.crop}px  weights: {source}")
 

@@ -65,7 +65,7 @@ class ExtractSummary:
     skipped: list[Skipped] = field(default_factory=list)
     seconds: float = 0.0
     backbone_seconds: float = 0.0  # inside the forward (device copies included); the rest is decoding and writing
-    import_seconds: float = 0.0  # of ``seconds``, importing torch, torchvision and the rest of stage one's code
+    import_seconds: float = 0.0  # of ``seconds``, importing torch and the rest of stage one's libraries
     up_to_date: bool = False
     size_bytes: int = 0  # the file and the segments or parts it reads
     duplicates: Duplicates = Duplicates()
@@ -85,7 +85,7 @@ class ExtractSummary:
         rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds else ""
         if rate and self.backbone_seconds:
             rate += f", backbone busy {self.backbone_seconds / self.seconds:.0%} of it"
-        started = f" ({self.import_seconds:.1f} s of it importing torch)" if self.import_seconds >= 0.05 else ""
+        started = f", {self.import_seconds:.1f} s of it importing torch" if self.import_seconds >= 0.05 else ""
         state = "up to date" if self.up_to_date else f"extracted {self.extracted}"
         repaired = f", repaired {self.repaired}" if self.repaired else ""
         skipped = [f"  skipped {shown(record.path)}: {record.reason}" for record in self.skipped[:SKIPS_LISTED]]
@@ -94,7 +94,7 @@ class ExtractSummary:
         return "\n".join([
             f"features: {state} | {sum(self.images.values())} vectors ({split_counts}) in {self.path} ({size:.1f} MB) | "
             f"reused {self.reused}, resumed {self.resumed}, removed {self.removed}{repaired}, skipped {len(self.skipped)} | "
-            f"{self.seconds:.1f} s{started}{rate}" + (f" | {self.ran_as}" if self.extracted and self.ran_as else ""),
+            f"{self.seconds:.1f} s{rate}{started}" + (f" | {self.ran_as}" if self.extracted and self.ran_as else ""),
             *skipped,
             *self.duplicates.lines(),
         ])

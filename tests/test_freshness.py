@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, make_images, run_cli_process
 from pipeline.config import Settings
 from pipeline.extract import extract
-from pipeline.freshness import RECORD_NAME, Duplicates, bring_up_to_date, fresh_summary, record_file
+from pipeline.freshness import RECORD_NAME, Duplicates, ExtractSummary, bring_up_to_date, fresh_summary, record_file
 from pipeline.listing import scan_dataset
 
 
@@ -143,6 +143,16 @@ def test_a_run_with_work_counts_its_import_of_torch_in_its_seconds_and_leaves_th
     assert result.returncode == 0, result.stderr
     extracted, imported, seconds, collecting = json.loads(result.stdout.splitlines()[-1])
     assert extracted == 1 and 0 < imported < seconds and collecting
+
+
+def test_the_bench_reads_back_the_seconds_and_the_import_from_the_summary_line(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from scale import in_run_seconds
+
+    summary = ExtractSummary(tmp_path / "features.h5", {"train": 3}, extracted=3, seconds=4.31, backbone_seconds=0.2,
+                             import_seconds=2.64)
+    assert in_run_seconds(summary.line()) == (4.3, 2.6)
+    assert in_run_seconds(dataclasses.replace(summary, import_seconds=0.0).line()) == (4.3, 0.0)
 
 
 def test_identical_files_across_splits_and_classes_are_found_and_remembered(cached):
