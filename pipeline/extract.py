@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata
 import itertools
 import json
 import logging
@@ -42,7 +41,7 @@ from pipeline.files import check_writable, disk_full_as_user_error
 from pipeline.freshness import ExtractSummary
 from pipeline.images import ImageFiles, collate_good, file_digest, jpeg_decoder
 from pipeline.listing import AUGMENTED, DIGEST_BYTES, NO_VIEW, BadImage, DatasetListing, augmented_views, scan_dataset
-from pipeline.inference import RUNTIME_PACKAGES, check_runtime, kept_model, prepare, resolve_device, runtime_installed
+from pipeline.inference import RUNTIME_PACKAGES, check_runtime, kept_model, package_version, prepare, resolve_device
 from pipeline.partial import ChunkRow, PartialRun
 from pipeline.progress import progress
 from pipeline.store import (BLOCK_ROWS, ROWS_PER_CHUNK, FeatureFiles, FeatureStore, ImageKey, Placement, SkipRecord, Source,
@@ -58,9 +57,9 @@ def library_versions(runtime: str = "torch") -> dict[str, str]:
     """The libraries whose version can change the numbers of a feature vector."""
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
     if jpeg_decoder() is not None:
-        versions["torchcodec"] = importlib.metadata.version("torchcodec")
+        versions["torchcodec"] = package_version("torchcodec")
     if package := RUNTIME_PACKAGES.get(runtime):
-        versions[package] = importlib.metadata.version(package) if runtime_installed(runtime) else "missing"
+        versions[package] = package_version(package)
     return versions
 
 

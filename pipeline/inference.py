@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import sys
@@ -89,21 +90,21 @@ def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 KEPT_MODEL_PACKAGES = ("torch", "torchvision", "efficientnet-lite-pytorch", "openvino")  # they define the graph
 
 
+def package_version(package: str) -> str:
+    """The installed version of the distribution ``package``, or "missing"."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+
+
 def kept_model(folder: Path, backbone: Backbone, weights: str) -> Path:
     """Where, in ``folder``, the OpenVINO model converted from ``backbone`` with ``weights`` is kept: named by what
     makes its graph (backbone, weights, input size, normalisation, the layer replaced, the versions of
     ``KEPT_MODEL_PACKAGES``, and the code that builds backbones), so a change to any of them converts anew. Only
     RUNTIME=openvino reads or writes it."""
-    import importlib.metadata
-
-    def version(package: str) -> str:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return "missing"
-
     made_by = [backbone.name, weights, backbone.crop, backbone.mean, backbone.std, backbone.classifier,
-               *map(version, KEPT_MODEL_PACKAGES), file_sha256(Path(__file__).with_name("backbones.py"))]
+               *map(package_version, KEPT_MODEL_PACKAGES), file_sha256(Path(__file__).with_name("backbones.py"))]
     return Path(folder) / f"openvino-{hashlib.sha256(json.dumps(made_by).encode()).hexdigest()[:16]}"
 
 

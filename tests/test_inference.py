@@ -17,7 +17,7 @@ from conftest import run_cli
 from pipeline.backbones import get_backbone, load_backbone
 from pipeline.errors import UserError
 from pipeline.images import load_rgb
-from pipeline.inference import check_runtime, kept_model, prepare
+from pipeline.inference import check_runtime, kept_model, package_version, prepare
 
 CPU = torch.device("cpu")
 
@@ -169,3 +169,8 @@ def test_the_kept_model_is_named_by_everything_that_makes_its_graph(tmp_path, mo
     version = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda p: "0.0" if p == "torchvision" else version(p))
     assert kept_model(tmp_path, backbone, "w") != name
+
+
+def test_a_package_version_is_the_installed_one_or_missing():
+    assert torch.__version__.startswith(package_version("torch"))  # the distribution's version, without "+cu130"
+    assert package_version("no-such-distribution-here") == "missing"
