@@ -270,6 +270,17 @@ def _damaged(path: Path, detail: object) -> UserError:
     return UserError(f"{path} is damaged ({detail}); run `make features` to rebuild it (readers never use a damaged cache)")
 
 
+def _read_rows(dataset: h5py.Dataset, start: int, out: np.ndarray) -> None:
+    """Rows ``start:start + len(out)`` of ``dataset`` into ``out``: by HDF5 straight into it when the dtypes match
+    (h5py's slicing makes a temporary array and is slower on a large selection), else converted."""
+    if len(out) == 0:
+        return
+    if dataset.dtype == out.dtype:
+        dataset.read_direct(out, np.s_[start:start + len(out)])
+    else:
+        out[...] = dataset[start:start + len(out)]
+
+
 class FeatureStore:
     """A complete feature file, opened for reading and checked whole: attributes and index against their digest,
     and, for a joined file, each part against the version it was joined from."""
@@ -412,14 +423,19 @@ class FeatureStore:
     def index(self, split: str) -> SplitIndex:
         return self._indexes[split]
 
-    def features(self, split: str, rows: slice = slice(None)) -> np.ndarray:
-        """Vectors as float32 (a mapped split's read from its sources run by run); a chunk whose checksum fails is a
+    def features(self, split: str, rows: slice = slice(None), out: np.ndarray | None = None) -> np.ndarray:
+        """Vectors as float32 (a mapped split's read from its sources run by run), into ``out`` when given (float32,
+        C-contiguous, one row per selected vector; ``rows`` then has step 1); a chunk whose checksum fails is a
         ``UserError``."""
+        start, stop, step = rows.indices(len(self._indexes[split].paths))
+        shape = (max(0, stop - start), self.feature_dim)
+        if out is not None and (step != 1 or out.shape != shape or out.dtype != np.float32):
+            raise ValueError(f"out must be float32 of shape {shape} for rows {start}:{stop} (step 1)")
+        vectors = np.empty(shape, dtype=np.float32) if out is None else out
         try:
             if split not in self._placements:
-                return np.asarray(self.file[split]["features"][rows], dtype=np.float32)
-            start, stop, step = rows.indices(len(self._indexes[split].paths))
-            vectors = np.empty((max(0, stop - start), self.feature_dim), dtype=np.float32)
+                _read_rows(self.file[split]["features"], start, vectors)
+                return vectors if step == 1 else vectors[::step]
             runs = self._runs[split]
             first_run = max(0, int(np.searchsorted(runs[:, 0], start, side="right")) - 1)
             for run_start, run_stop, source, source_start in runs[first_run:].tolist():
@@ -427,9 +443,9 @@ class FeatureStore:
                     break
                 a, b = max(run_start, start), min(run_stop, stop)
                 if a < b:
-                    first = source_start + a - run_start
-                    vectors[a - start:b - start] = self._source_files[source][split]["features"][first:first + b - a]
-            return vectors[::step]
+                    _read_rows(self._source_files[source][split]["features"], source_start + a - run_start,
+                               vectors[a - start:b - start])
+            return vectors if step == 1 else vectors[::step]
         except Exception as error:  # noqa: BLE001 - h5py reports a failed checksum as OSError, damage as others
             raise UserError(f"{self.path} is damaged ({split} vectors: {error}); run `make features VERIFY=1` to redo the "
                             f"damaged rows") from None

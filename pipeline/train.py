@@ -102,20 +102,28 @@ STAGE_TWO_SETTINGS = ("lr", "hidden", "dropout", "seed", "epochs", "patience", "
                       "cv_folds", "final_fit", "normalisation", "class_weight")  # recorded in training.json
 
 
-def _read_in_order(store: FeatureStore, split: str, order: np.ndarray) -> np.ndarray:
-    """``store.features(split)[order]``, read block by block straight into its place: one array, never a second copy."""
-    position = np.empty_like(order)
-    position[order] = np.arange(len(order))
-    X = np.empty((len(order), store.feature_dim), dtype=np.float32)
-    for start in range(0, len(order), READ_ROWS):
-        X[position[start:start + READ_ROWS]] = store.features(split, slice(start, start + READ_ROWS))
+def _read_partitioned(store: FeatureStore, split: str, last: np.ndarray, normalisation: str) -> np.ndarray:
+    """The split's vectors normalised by ``normalisation``, the rows where ``last`` is False first and those where it
+    is True after, each part in store order: read block by block into one buffer, normalised there and compressed
+    into place, so the only array of the split's size is the one returned."""
+    X = np.empty((len(last), store.feature_dim), dtype=np.float32)
+    buffer = np.empty((min(READ_ROWS, len(last)), store.feature_dim), dtype=np.float32)
+    free = [0, len(last) - int(last.sum())]  # the next row to fill in each part
+    for start in range(0, len(last), READ_ROWS):
+        block = normalise_in_place(store.features(split, slice(start, start + READ_ROWS),
+                                                  out=buffer[:min(READ_ROWS, len(last) - start)]), normalisation)
+        for part, keep in enumerate((~last[start:start + len(block)], last[start:start + len(block)])):
+            count = int(keep.sum())
+            np.compress(keep, block, axis=0, out=X[free[part]:free[part] + count])
+            free[part] += count
     return X
 
 
 @dataclass
 class TrainingSet:
-    """The train split's vectors, read once and normalised in place: training rows first, then the validation rows
-    (as ``train_test_split`` ordered them, seeded by ``split_seed``), so both parts are views of one float32 array."""
+    """The train split's vectors, read once and normalised: training rows first, then the validation rows (those
+    ``train_test_split`` drew, seeded by ``split_seed``), each part in store order, so both are views of one float32
+    array."""
     X: np.ndarray
     y: np.ndarray
     paths: list[str]
@@ -136,7 +144,7 @@ class TrainingSet:
 
 def read_training_set(settings: Settings, data: Path | None = None) -> TrainingSet:
     """The train split of the backbone's feature file, split (stratified, seeded by SEED) into training and
-    validation rows and normalised once, in place; no copy of the train matrix is made."""
+    validation rows and normalised as it is read; no copy of the train matrix is made."""
     with open_features(settings, data) as store:
         y, classes, paths = store.labels("train"), store.classes, store.paths("train")
         counts = np.bincount(y, minlength=len(classes))
@@ -148,13 +156,14 @@ def read_training_set(settings: Settings, data: Path | None = None) -> TrainingS
                                                     random_state=settings.seed)
         except ValueError as error:
             raise UserError(f"cannot carve a stratified validation split ({error}); change --val-fraction") from None
-        order = np.concatenate([train_rows, val_rows])
-        X = _read_in_order(store, "train", order)
+        validation = np.zeros(len(y), dtype=bool)
+        validation[val_rows] = True
+        order = np.concatenate([np.flatnonzero(~validation), np.flatnonzero(validation)])
+        X = _read_partitioned(store, "train", validation, settings.normalisation)
         views = (store.features(AUGMENTED), store.labels(AUGMENTED), store.paths(AUGMENTED)) \
             if AUGMENTED in store.splits else None
         source = {"features_created": str(store.attrs["created"]), "backbone": store.backbone, "classes": classes,
                   "weights": store.fingerprint["weights"]}
-    normalise_in_place(X, settings.normalisation)
     return TrainingSet(X, y[order], [paths[i] for i in order], len(train_rows), len(classes), settings.seed, views, source)
 
 

@@ -79,7 +79,8 @@ def test_sweep_trains_the_grid_on_one_split_and_keeps_every_run(cached, tmp_path
     data, cache = cached
     read_splits = []
     features = FeatureStore.features
-    monkeypatch.setattr(FeatureStore, "features", lambda self, split, *a: read_splits.append(split) or features(self, split, *a))
+    monkeypatch.setattr(FeatureStore, "features",
+                        lambda self, split, *a, **k: read_splits.append(split) or features(self, split, *a, **k))
     sweep_cache = tmp_path / "cache"
     (sweep_cache / "efficientnet_lite0").mkdir(parents=True)
     for name in ("features.h5",):

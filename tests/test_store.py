@@ -18,11 +18,11 @@ DIM = 3
 ATTRS = {"fingerprint": "{}", "backbone": "test", "feature_dim": DIM, "classes": ["a", "b"]}
 
 
-def _segment(path, names: list[str]) -> Source:
+def _segment(path, names: list[str], dtype=np.float32) -> Source:
     """A plain file of ``names`` (train only), vector i = [i, i, i] offset by the file's first name."""
     rows = [(ImageKey("train", name, -1, 10 + i, 20 + i), i % 2, bytes([i % 256]) * 16) for i, name in enumerate(names)]
     with StoreWriter(path, ATTRS) as writer:
-        writer.add_split("train", SplitIndex.build(rows, []), DIM)[:] = np.arange(len(names))[:, None] + np.zeros(DIM)
+        writer.add_split("train", SplitIndex.build(rows, []), DIM, dtype)[:] = np.arange(len(names))[:, None] + np.zeros(DIM)
         writer.commit()
     return Source(path.name, writer.digest, {"train": len(names)})
 
@@ -67,6 +67,27 @@ def test_interleaved_runs_gather_the_index_and_vectors_of_each_row(tmp_path):
         assert store.index("train").sizes.tolist() == [10, 10, 11, 12, 11, 13]
         assert store.features("train")[:, 0].tolist() == expected
         assert len(store.placement("train").run_array()) == 5
+
+
+def test_vectors_are_read_into_a_given_array_across_runs_and_converted_from_float16(tmp_path):
+    old = _segment(tmp_path / "old.h5", ["a0", "a2", "a4", "a6"])
+    new = _segment(tmp_path / "new.h5", ["a1", "a5"], dtype=np.float16)
+    placement = Placement(np.array([0, 1, 0, 0, 1, 0]), np.array([0, 0, 1, 2, 1, 3]))  # a0 a1 a2 a4 a5 a6
+    with FeatureStore(tmp_path / "old.h5") as a, FeatureStore(tmp_path / "new.h5") as b:
+        index = SplitIndex.build([(store.index("train").keys("train")[r], int(store.labels("train")[r]),
+                                   bytes(store.index("train").digests[r]))
+                                  for store, r in zip([[a, b][s] for s in placement.sources], placement.rows)], [])
+    _mapped(tmp_path / "features.h5", [old, new], placement, index)
+    for path, expected in (("features.h5", [0, 0, 1, 2, 1, 3]), ("new.h5", [0, 1]), ("old.h5", [0, 1, 2, 3])):
+        with FeatureStore(tmp_path / path) as store:
+            rows = slice(1, len(expected))
+            out = np.full((len(expected) - 1, DIM), np.nan, dtype=np.float32)
+            assert store.features("train", rows, out=out) is out
+            np.testing.assert_array_equal(out, np.array(expected[1:], dtype=np.float32)[:, None] + np.zeros(DIM))
+            assert store.features("train")[:, 0].tolist() == expected and store.features("train").dtype == np.float32
+            assert store.features("train", slice(2, 2)).shape == (0, DIM)
+            with pytest.raises(ValueError, match="out must be"):
+                store.features("train", rows, out=np.empty((9, DIM), dtype=np.float32))
 
 
 def test_runs_that_do_not_tile_the_rows_are_refused():
