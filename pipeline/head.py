@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 # what a checkpoint saved before these settings existed was trained with
 PRE_ACCURACY_PARAMS = {"normalisation": "none", "class_weight": "none", "final_fit": "train"}
+FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch's Adam has a fused kernel (one pass per step, not one per op)
 SMALL_TRAIN = 8192  # up to this many training vectors, batch_size 0 means 64 (the seed notebook's batch)
 # up to this many train vectors a fit is small: final_fit "auto" refits on train + validation, and the baseline's
 # default C grid has two values per decade (one above)
@@ -81,15 +82,24 @@ def training_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+DROPOUT_BITS = 15  # random bits per element of the head's dropout mask: two elements per draw of torch's random_
+
+
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` (each element zeroed with probability p in training, the rest scaled by 1/(1-p); the identity in
-    eval) with its mask drawn by ``uniform_`` and a comparison: on a CPU, torch's ``bernoulli_`` (which ``nn.Dropout``
-    draws with) is several times slower, a large share of a head's epoch (``make bench``, stage two)."""
+    """``nn.Dropout`` (each element zeroed with probability p in training, the rest scaled by the inverse of the kept
+    fraction; the identity in eval) with its mask drawn two elements per 31-bit draw of ``random_``, ``DROPOUT_BITS``
+    bits each: on a CPU, torch's ``bernoulli_`` and ``uniform_`` cost a draw per element and are a large share of a
+    head's epoch (``make bench``, stage two). So p is rounded to a multiple of 2^-15; the scale is the exact inverse
+    of the kept fraction, so the expected output is the input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        return x * (torch.empty_like(x).uniform_() >= self.p).to(x.dtype).div_(1 - self.p)
+        levels = 2 ** DROPOUT_BITS
+        dropped = min(round(self.p * levels), levels - 1)
+        draws = torch.empty((x.numel() + 1) // 2, dtype=torch.int32, device=x.device).random_()  # 0 .. 2^31 - 1
+        bits = torch.cat((draws & (levels - 1), draws >> (31 - DROPOUT_BITS)))[:x.numel()].view(x.shape)
+        return x * (bits >= dropped).to(x.dtype).mul_(levels / (levels - dropped))
 
 
 class MLPHead(nn.Sequential):
@@ -226,7 +236,7 @@ class HeadClassifier(ValidatedClassifier):
         torch.manual_seed(self.seed)
         order = torch.Generator().manual_seed(self.seed)
         model = MLPHead(parts[0].shape[1], self.n_classes_, self.hidden, self.dropout).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, fused=device.type in FUSED_ADAM_DEVICES)
         loss_fn = self._loss(torch.cat(labels), device)
         n = sum(len(p) for p in parts)
 

@@ -50,6 +50,10 @@ def test_the_heads_dropout_is_nn_dropout_drawn_faster():
     torch.manual_seed(0)
     assert torch.equal(layer(x), out)  # seeded: the same mask
     assert layer.eval()(x) is x
+    halves = (out != 0).flatten().chunk(2)  # the low and the high bits of the draws
+    assert all(abs(half.float().mean().item() - 0.75) < 0.01 for half in halves)
+    odd = layer.train()(torch.ones(3, 5))
+    assert odd.shape == (3, 5) and torch.all((odd == 0) | torch.isclose(odd, torch.tensor(1 / 0.75)))
 
 
 def test_head_learns_and_keeps_its_best_validation_epoch(blobs):
@@ -192,16 +196,20 @@ def test_fit_makes_no_copy_of_float32_train_vectors(model):
     assert peak < X_train.nbytes / 2
 
 
-def test_train_split_is_read_in_place_in_training_then_validation_order(monkeypatch):
+def test_train_split_is_read_partitioned_in_store_order_and_normalised(monkeypatch):
     monkeypatch.setattr(train_module, "READ_ROWS", 3)
-    vectors = np.arange(20, dtype=np.float32).reshape(10, 2)
+    vectors = np.arange(-10, 10, dtype=np.float32).reshape(10, 2)
 
     class Store:
         feature_dim = 2
 
-        def features(self, split, rows):
-            assert split == "train" and isinstance(rows, slice)
-            return vectors[rows]
+        def features(self, split, rows, out):
+            assert split == "train" and rows.step is None
+            out[...] = vectors[rows]
+            return out
 
-    order = np.random.default_rng(0).permutation(10)
-    np.testing.assert_array_equal(train_module._read_in_order(Store(), "train", order), vectors[order])
+    last = np.zeros(10, dtype=bool)
+    last[[1, 4, 5, 9]] = True
+    X = train_module._read_partitioned(Store(), "train", last, "power")
+    order = np.concatenate([np.flatnonzero(~last), np.flatnonzero(last)])
+    np.testing.assert_array_equal(X, np.sign(vectors[order]) * np.sqrt(np.abs(vectors[order])))
