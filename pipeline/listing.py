@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+from array import array
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -50,13 +51,33 @@ class Skipped:
 
 @dataclass
 class SplitListing:
-    entries: list[ImageEntry]
+    """A split's image files as columns, one value per file (a scan appends to them: no object per file unless
+    ``entries`` is asked for), and its skipped files."""
+
+    paths: list[str]
+    labels: list[int]
+    sizes: list[int]
+    mtimes_ns: list[int]
+    views: list[int]
     skipped: list[Skipped]
+
+    @classmethod
+    def of(cls, entries: list[ImageEntry], skipped: list[Skipped]) -> SplitListing:
+        columns = [list(column) for column in zip(*entries)] or [[] for _ in ImageEntry._fields]
+        return cls(*columns, skipped)
+
+    @cached_property
+    def entries(self) -> list[ImageEntry]:
+        return list(map(ImageEntry, self.paths, self.labels, self.sizes, self.mtimes_ns, self.views))
+
+
+def _hashed(parts: Iterable) -> hashlib.blake2b:
+    """blake2b over NUL-separated fields (no path holds a NUL); odd bytes in names hash as the bytes they are."""
+    return hashlib.blake2b("\0".join(map(str, parts)).encode("utf-8", "surrogatepass"), digest_size=16)
 
 
 def digest(parts: Iterable) -> str:
-    """blake2b over NUL-separated fields (no path holds a NUL); odd bytes in names hash as the bytes they are."""
-    return hashlib.blake2b("\0".join(map(str, parts)).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return _hashed(parts).hexdigest()
 
 
 @dataclass
@@ -68,22 +89,22 @@ class DatasetListing:
     @cached_property
     def digest(self) -> str:
         """A digest of what was listed in train and test: root, classes, each file's path, class, size and mtime, each
-        skipped file and its reason (made once per listing: the no-op check and the writer's record share it)."""
-        fields = [self.root.resolve(), len(self.classes), *self.classes]
+        skipped file and its reason (made once per listing: the no-op check and the writer's record share it): the
+        text fields, then the numbers as int64 columns."""
+        text = [self.root.resolve(), len(self.classes), *self.classes]
         for split in SPLITS:
             part = self.splits[split]
-            fields += [split, len(part.entries), len(part.skipped)]
-            fields += [f"{e.path}\0{e.label}\0{e.size}\0{e.mtime_ns}" for e in part.entries]  # one string per file
-            fields += [f"{s.path}\0{s.reason}" for s in part.skipped]
-        return digest(fields)
+            text += [split, len(part.paths), len(part.skipped), *part.paths]
+            text += [f"{s.path}\0{s.reason}" for s in part.skipped]
+        hashed = _hashed(text)
+        for split in SPLITS:
+            for column in (self.splits[split].labels, self.splits[split].sizes, self.splits[split].mtimes_ns):
+                hashed.update(array("q", column).tobytes())
+        return hashed.hexdigest()
 
 
 class BadImage(Exception):
     """A file that cannot be used as an image; the message is the skip reason."""
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
 
 
 _KINDS = {stat.S_IFDIR: "folder", stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
@@ -97,17 +118,30 @@ def not_regular_reason(mode: int) -> str | None:
     return f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'unknown kind')})"
 
 
-def error_reason(path: str | os.PathLike, error: OSError) -> str:
-    """An ``OSError`` on one path as a skip reason: broken and looping symbolic links by name, the rest by message."""
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def error_reason(path: str | os.PathLike, error: OSError, dir_fd: int | None = None) -> str:
+    """An ``OSError`` on one path (relative to folder ``dir_fd`` when given) as a skip reason: broken and looping
+    symbolic links by name, the rest by message."""
     if error.errno == errno.ELOOP:
         return "symbolic link loop"
-    if error.errno == errno.ENOENT and os.path.islink(path):
+    if error.errno == errno.ENOENT and _is_link(path, dir_fd):
         return "broken symbolic link"
     return error.strerror or str(error)
 
 
-def _judge(name: str, path: str | os.PathLike, stat_of: Callable[[], os.stat_result]) -> os.stat_result:
-    """``image_stat``'s rule for the file ``name`` at ``path``, stat taken by ``stat_of()`` (``DirEntry.stat`` saves a syscall)."""
+def _is_link(path: str | os.PathLike, dir_fd: int | None) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
+
+
+def _judge(name: str, stat_of: Callable[[], os.stat_result], dir_fd: int | None = None, path: str | None = None) -> os.stat_result:
+    """``image_stat``'s rule for the file ``name`` (at ``path``, else ``name`` in folder ``dir_fd``), its stat taken
+    by ``stat_of()`` (``DirEntry.stat`` saves a syscall)."""
     if _is_hidden(name):
         raise BadImage("hidden file")
     if not name.lower().endswith(IMG_EXTENSIONS):
@@ -115,10 +149,9 @@ def _judge(name: str, path: str | os.PathLike, stat_of: Callable[[], os.stat_res
     try:
         info = stat_of()
     except OSError as error:
-        raise BadImage(error_reason(path, error)) from None
-    reason = not_regular_reason(info.st_mode)
-    if reason:
-        raise BadImage(reason)
+        raise BadImage(error_reason(name if path is None else path, error, dir_fd)) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BadImage(not_regular_reason(info.st_mode))
     return info
 
 
@@ -128,7 +161,7 @@ def image_stat(path: str | os.PathLike) -> os.stat_result:
     The one rule for dataset scans and ``predict``, in order: a hidden name, an extension not in
     ``IMG_EXTENSIONS``, a broken or looping symbolic link or any other error, then anything but a regular file
     (FIFO, socket, device)."""
-    return _judge(os.path.basename(path), path, lambda: os.stat(path))
+    return _judge(os.path.basename(path), lambda: os.stat(path), path=os.fspath(path))
 
 
 def _is_folder(entry: os.DirEntry) -> bool:
@@ -139,51 +172,66 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return False
 
 
-def walk_folder(folder: str | os.PathLike) -> Iterator[tuple[str, os.stat_result] | Skipped]:
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def walk_folder(folder: str | os.PathLike, prefix: str = "") -> Iterator[tuple[str, os.stat_result] | Skipped]:
     """Every file under ``folder``, depth first in name order: ``(path, stat)`` for an image, else a ``Skipped``.
 
-    Paths are relative to ``folder``; a skipped folder's ends in "/" ("" is ``folder`` itself). Files are judged by
+    Paths are ``prefix`` + the path relative to ``folder``; a skipped folder's ends in "/" (``prefix`` alone is
+    ``folder`` itself). Files are judged by
     ``image_stat``. Hidden folders are not entered, and each real folder (by device and inode, ``folder`` included)
-    is entered once: a symbolic link to an enclosing folder (a loop) or to a folder already walked is skipped."""
+    is entered once: a symbolic link to an enclosing folder (a loop) or to a folder already walked is skipped.
+    Each folder is held open while it is walked and its files are stat'ed relative to it (no path lookup per file)."""
     visited: set[tuple[int, int]] = set()
-    stack: list[tuple[str, frozenset[tuple[int, int]], Iterator[os.DirEntry]]] = []
+    stack: list[tuple[str, int, frozenset[tuple[int, int]], Iterator[os.DirEntry]]] = []
 
-    def enter(path: str, rel: str, ancestors: frozenset[tuple[int, int]]) -> Skipped | None:
+    def enter(name: str | os.PathLike, rel: str, parent: int | None, ancestors: frozenset[tuple[int, int]]) -> Skipped | None:
         try:
-            info = os.stat(path)
+            fd = os.open(name, DIRECTORY_FLAGS, dir_fd=parent)
+        except OSError as error:
+            return Skipped(rel, error_reason(name, error, parent))
+        try:
+            info = os.fstat(fd)
             key = (info.st_dev, info.st_ino)
             if key in ancestors:
-                return Skipped(rel, "symbolic link to a folder already scanned (loop)")
+                raise BadImage("symbolic link to a folder already scanned (loop)")
             if key in visited:
-                return Skipped(rel, "folder already scanned through another path (symbolic link)")
-            entries = sorted(os.scandir(path), key=lambda entry: entry.name)
-        except OSError as error:
-            return Skipped(rel, error_reason(path, error))
+                raise BadImage("folder already scanned through another path (symbolic link)")
+            entries = sorted(os.scandir(fd), key=lambda entry: entry.name)
+        except (OSError, BadImage) as error:
+            os.close(fd)
+            return Skipped(rel, str(error) if isinstance(error, BadImage) else error_reason(name, error, parent))
         visited.add(key)
-        stack.append((rel, ancestors | {key}, iter(entries)))
+        stack.append((rel, fd, ancestors | {key}, iter(entries)))
         return None
 
-    skipped = enter(os.fspath(folder), "", frozenset())
-    if skipped:
-        yield skipped
-    while stack:
-        rel, ancestors, entries = stack[-1]
-        entry = next(entries, None)
-        if entry is None:
-            stack.pop()
-            continue
-        path = rel + entry.name
-        if not _is_folder(entry):
-            try:
-                info = _judge(entry.name, entry.path, entry.stat)
-            except BadImage as bad:
-                yield Skipped(path, str(bad))
-            else:
-                yield path, info
-        elif _is_hidden(entry.name):
-            yield Skipped(path + "/", "hidden folder")
-        elif skipped := enter(entry.path, path + "/", ancestors):
+    try:
+        skipped = enter(folder, prefix, None, frozenset())
+        if skipped:
             yield skipped
+        while stack:
+            rel, fd, ancestors, entries = stack[-1]
+            for entry in entries:
+                name = entry.name
+                if not _is_folder(entry):
+                    try:
+                        info = _judge(name, entry.stat, fd)
+                    except BadImage as bad:
+                        yield Skipped(rel + name, str(bad))
+                    else:
+                        yield rel + name, info
+                elif _is_hidden(name):
+                    yield Skipped(rel + name + "/", "hidden folder")
+                elif skipped := enter(name, rel + name + "/", fd, ancestors):
+                    yield skipped
+                else:
+                    break  # walk the folder just entered first
+            else:
+                os.close(stack.pop()[1])
+    finally:
+        for _, fd, _, _ in stack:
+            os.close(fd)
 
 
 def _class_folders(split_dir: Path) -> tuple[list[str], list[Skipped]]:
@@ -219,19 +267,22 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-def _scan_class(root: Path, split: str, name: str, label: int) -> tuple[list[ImageEntry], list[Skipped]]:
-    entries, skipped = [], []
+def _scan_class(root: Path, split: str, name: str, label: int, into: SplitListing) -> None:
+    """Append the files under class folder ``root/split/name`` to ``into``."""
     class_dir = root / split / name
-    prefix = f"{split}/{name}/"
-    for found in walk_folder(class_dir):
+    first = len(into.paths)
+    for found in walk_folder(class_dir, f"{split}/{name}/"):
         if isinstance(found, Skipped):
-            skipped.append(Skipped(prefix + found.path, found.reason))
+            into.skipped.append(found)
         else:
             path, info = found
-            entries.append(ImageEntry(prefix + path, label, info.st_size, info.st_mtime_ns))
-    if not entries:
+            into.paths.append(path)
+            into.sizes.append(info.st_size)
+            into.mtimes_ns.append(info.st_mtime_ns)
+    if len(into.paths) == first:
         raise UserError(f"class folder {class_dir} has no images; add images to it or remove the folder")
-    return entries, skipped
+    into.labels += [label] * (len(into.paths) - first)
+    into.views += [NO_VIEW] * (len(into.paths) - first)
 
 
 @per_image
@@ -257,12 +308,9 @@ def scan_dataset(root: Path) -> DatasetListing:
             )
     splits = {}
     for split, names, skipped in (("train", classes, train_skipped), ("test", test_classes, test_skipped)):
-        entries: list[ImageEntry] = []
+        splits[split] = SplitListing([], [], [], [], [], skipped)
         for name in names:
-            class_entries, class_skipped = _scan_class(root, split, name, classes.index(name))
-            entries += class_entries
-            skipped += class_skipped
-        splits[split] = SplitListing(entries, skipped)
+            _scan_class(root, split, name, classes.index(name), splits[split])
     return DatasetListing(root, classes, splits)
 
 
@@ -270,5 +318,5 @@ def scan_dataset(root: Path) -> DatasetListing:
 
 def augmented_views(listing: SplitListing, views: int) -> SplitListing:
     """``views`` augmented views of every train image, each an entry of its own (same path, view 0..views-1)."""
-    return SplitListing([e._replace(view=k) for e in listing.entries for k in range(views)], [])
+    return SplitListing.of([e._replace(view=k) for e in listing.entries for k in range(views)], [])
 

@@ -19,7 +19,7 @@ from conftest import make_images
 from pipeline.errors import UserError
 from pipeline import images
 from pipeline.images import load_image, load_rgb
-from pipeline.listing import IMG_EXTENSIONS, BadImage, scan_dataset
+from pipeline.listing import IMG_EXTENSIONS, NO_VIEW, BadImage, SplitListing, scan_dataset, walk_folder
 from pipeline.predict import image_files
 
 
@@ -197,6 +197,37 @@ def test_scan_enters_each_real_folder_once(tmp_path):
     assert "already scanned" in skipped["train/cat/twin/"]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open descriptors in /proc/self/fd")
+def test_a_walk_closes_every_folder_it_opened_also_when_stopped_early(tmp_path):
+    root = make_images(tmp_path / "data", {"train": 2, "test": 1})
+    for depth in ("a", "a/b", "a/b/c"):
+        (root / "train" / "cat" / depth).mkdir()
+        Image.new("RGB", (8, 8)).save(root / "train" / "cat" / depth / "x.png")
+    before = set(os.listdir("/proc/self/fd"))
+    assert len(list(walk_folder(root))) == 9  # the six images, then three nested
+    walk = walk_folder(root)
+    while next(walk) != ("train/cat/a/b/c/x.png", os.stat(root / "train/cat/a/b/c/x.png")):
+        pass  # four folders deep, all held open
+    assert len(set(os.listdir("/proc/self/fd")) - before) >= 4
+    walk.close()
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_listing_s_columns_are_its_entries_and_each_changes_the_digest(tmp_path):
+    root = make_images(tmp_path / "data", {"train": 2, "test": 1})
+    listing = scan_dataset(root)
+    train = listing.splits["train"]
+    assert SplitListing.of(train.entries, train.skipped) == train
+    assert [e.path for e in train.entries] == train.paths and {e.view for e in train.entries} == {NO_VIEW}
+    digests = {listing.digest}
+    for column in ("paths", "labels", "sizes", "mtimes_ns"):
+        changed = scan_dataset(root)
+        values = getattr(changed.splits["test"], column)
+        values[0] = values[0] + "x" if column == "paths" else values[0] + 1
+        digests.add(changed.digest)
+    assert len(digests) == 5 and scan_dataset(root).digest == listing.digest
+
+
 def _special_files(folder: Path, monkeypatch) -> None:
     """A FIFO and a socket named like images in ``folder``, a broken and a self-pointing symbolic link."""
     os.mkfifo(folder / "pipe.jpg")
@@ -225,22 +256,22 @@ def test_scan_skips_special_files_and_bad_links_with_reasons(tmp_path, monkeypat
 
 def test_scan_skips_an_entry_it_cannot_read_with_the_error(tmp_path, monkeypatch):
     root = make_images(tmp_path / "data", {"train": 2, "test": 1})
-    locked = str(root / "train" / "cat" / "cat0.png")
+    locked_folder = os.stat(root / "train" / "cat").st_ino
     real_scandir = os.scandir
 
     class Entry:  # a directory entry whose stat fails, as on a file this user may not read the metadata of
-        def __init__(self, entry: os.DirEntry):
-            self.entry, self.name, self.path = entry, entry.name, entry.path
+        def __init__(self, entry: os.DirEntry, folder: int):
+            self.entry, self.name, self.path, self.folder = entry, entry.name, entry.path, folder
 
         def is_dir(self) -> bool:
             return self.entry.is_dir()
 
         def stat(self) -> os.stat_result:
-            if self.path == locked:
+            if (self.folder, self.name) == (locked_folder, "cat0.png"):
                 raise PermissionError(errno.EACCES, "Permission denied", self.path)
             return self.entry.stat()
 
-    monkeypatch.setattr(os, "scandir", lambda path: [Entry(e) for e in real_scandir(path)])
+    monkeypatch.setattr(os, "scandir", lambda where: [Entry(e, os.stat(where).st_ino) for e in real_scandir(where)])
     listing = scan_dataset(root)
     assert _skips(listing)["train/cat/cat0.png"] == "Permission denied"
     assert len(listing.splits["train"].entries) == 3
