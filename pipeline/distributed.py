@@ -75,7 +75,7 @@ def shard(listing: DatasetListing, rank: Rank) -> DatasetListing:
     """Rank r's contiguous slice of every split; the listing-level skips are reported by rank 0 only."""
     splits = {}
     for name, split in listing.splits.items():
-        n = len(split.entries)
+        n = len(split.paths)
         lo, hi = rank.rank * n // rank.world, (rank.rank + 1) * n // rank.world
         splits[name] = SplitListing.of(split.entries[lo:hi], split.skipped if rank.rank == 0 else [])
     return DatasetListing(listing.root, listing.classes, splits)

@@ -99,7 +99,8 @@ def _previous(path: Path | None, expected: dict, force: bool) -> FeatureStore | 
 
 def listed_keys(listing: DatasetListing, split: str) -> list[tuple[ImageKey, int]]:
     """Each listed image of ``split`` (each of its views, in the augmented split) with its label, in order."""
-    return [(ImageKey(split, e.path, e.view, e.size, e.mtime_ns), e.label) for e in listing.splits[split].entries]
+    part = listing.splits[split]
+    return list(zip(map(ImageKey, itertools.repeat(split), part.paths, part.views, part.sizes, part.mtimes_ns), part.labels))
 
 
 @dataclass
@@ -433,7 +434,7 @@ def extract(settings: Settings, listing: DatasetListing | None = None) -> Extrac
     if settings.weights is not None:
         check_weights(backbone, settings.weights)
     listing = listing if listing is not None else scan_dataset(settings.data)
-    if not listing.splits["test"].entries:
+    if not listing.splits["test"].paths:
         raise UserError(f"{settings.data}/test has no images in class folders; put test images in test/<class>/ "
                         f"(the report scores them)")
     if settings.augment > 0:
