@@ -131,7 +131,7 @@ class _Objective:
         self.mean, self.scale = mean, scale
         self.C = 1.0
         self.evaluations = 0
-        self._recent: list[tuple] = []  # (C, w, value, gradient) of the last two calls: L-BFGS-B asks for x0 again
+        self._recent: list[tuple] = []  # (w, data term) of the last two w evaluated (see _data_term)
 
     def split(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return w[:self.dim * self.k].reshape(self.dim, self.k), w[self.dim * self.k:]
@@ -151,9 +151,18 @@ class _Objective:
             yield start, rows, torch.addmm(b, rows, W)
 
     def __call__(self, w: np.ndarray) -> tuple[float, np.ndarray]:
-        for C, seen, value, gradient in self._recent:
-            if C == self.C and np.array_equal(seen, w):
-                return value, gradient.copy()
+        W, _ = self.split(w)
+        data_value, data_grad_W, data_grad_b = self._data_term(w)
+        penalty = 1.0 / (self.C * self.n)
+        value = data_value + 0.5 * penalty * float(np.dot(w[:W.size], w[:W.size]))
+        return value, np.concatenate([(data_grad_W + penalty * W).ravel(), data_grad_b])
+
+    def _data_term(self, w: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        """The mean (weighted) log loss at ``w`` and its gradient (W, b). It does not depend on C, so it is kept for the
+        last two ``w`` asked: L-BFGS-B asks for its start again, and a warm start for the solution at the C before."""
+        for seen, term in self._recent:
+            if np.array_equal(seen, w):
+                return term
         self.evaluations += 1
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         grad_W = torch.zeros((self.dim, self.k), dtype=torch.float64, device=self.device)
@@ -182,15 +191,12 @@ class _Objective:
             loss += row_loss.sum(dtype=torch.float64)
             grad_W += (residual.T @ rows).T.double()  # R^T X: the faster orientation
             grad_b += residual.sum(0, dtype=torch.float64)
-        W, _ = self.split(w)
         grad_W, grad_b = grad_W.cpu().numpy(), grad_b.cpu().numpy()
         # back to the standardised parametrisation: dL/dW = (X^T R - m (1^T R)) / s
         grad_W = (grad_W - self.mean[:, None] * grad_b[None, :]) / self.scale[:, None]
-        penalty = 1.0 / (self.C * self.n)
-        value = loss.item() / self.n + 0.5 * penalty * float(np.dot(w[:W.size], w[:W.size]))
-        gradient = np.concatenate([(grad_W / self.n + penalty * W).ravel(), grad_b / self.n])
-        self._recent = [*self._recent[-1:], (self.C, w.copy(), value, gradient.copy())]
-        return value, gradient
+        term = (loss.item() / self.n, grad_W / self.n, grad_b / self.n)
+        self._recent = [*self._recent[-1:], (w.copy(), term)]
+        return term
 
     def proba(self, X: torch.Tensor, w: np.ndarray) -> np.ndarray:
         """Probabilities over the fitted classes (float64), as scikit-learn's predict_proba gives them."""
