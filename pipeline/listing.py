@@ -179,10 +179,10 @@ def walk_folder(folder: str | os.PathLike, prefix: str = "") -> Iterator[tuple[s
     """Every file under ``folder``, depth first in name order: ``(path, stat)`` for an image, else a ``Skipped``.
 
     Paths are ``prefix`` + the path relative to ``folder``; a skipped folder's ends in "/" (``prefix`` alone is
-    ``folder`` itself). Files are judged by
-    ``image_stat``. Hidden folders are not entered, and each real folder (by device and inode, ``folder`` included)
-    is entered once: a symbolic link to an enclosing folder (a loop) or to a folder already walked is skipped.
-    Each folder is held open while it is walked and its files are stat'ed relative to it (no path lookup per file)."""
+    ``folder`` itself). Files are judged by ``image_stat``. Hidden folders are not entered, and each real folder (by
+    device and inode, ``folder`` included) is entered once: a symbolic link to an enclosing folder (a loop) or to a
+    folder already walked is skipped. Each folder is held open while it is walked and its files are stat'ed relative
+    to it (no path lookup per file)."""
     visited: set[tuple[int, int]] = set()
     stack: list[tuple[str, int, frozenset[tuple[int, int]], Iterator[os.DirEntry]]] = []
 

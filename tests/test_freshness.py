@@ -153,6 +153,8 @@ def test_the_bench_reads_back_the_seconds_and_the_import_from_the_summary_line(t
                              import_seconds=2.64)
     assert in_run_seconds(summary.line()) == (4.3, 2.6)
     assert in_run_seconds(dataclasses.replace(summary, import_seconds=0.0).line()) == (4.3, 0.0)
+    up_to_date = ExtractSummary(tmp_path / "features.h5", {"train": 3}, reused=3, seconds=0.4349, up_to_date=True)
+    assert in_run_seconds(up_to_date.line()) == (0.43, 0.0)  # below a second, hundredths
 
 
 def test_identical_files_across_splits_and_classes_are_found_and_remembered(cached):
