@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.files import atomic_write_text
+from pipeline.freshness import seconds_text
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE = "efficientnet_lite0"  # its weights come with pip: the append's real forward needs no network
@@ -232,8 +233,7 @@ def above_libraries(r: dict) -> str:
 
 def table_row(r: dict) -> str:
     after = f"; {r['add_after_imports_s']:.1f}" if "add_after_imports_s" in r else ""  # "": rows recorded before it
-    in_run = f"{r['noop_in_run_s']:.2f}" if r["noop_in_run_s"] < 1 else f"{r['noop_in_run_s']:.1f}"  # as the line gives it
-    return (f"| {r['n']:,} | {r['noop_s']:.2f} ({in_run}) | {r['add_s']:.2f} ({r['add_in_run_s']:.1f}{after}) "
+    return (f"| {r['n']:,} | {r['noop_s']:.2f} ({seconds_text(r['noop_in_run_s'])}) | {r['add_s']:.2f} ({r['add_in_run_s']:.1f}{after}) "
             f"| {r['add_written_mb']:.1f} ({r['add_new_files_mb']:.1f}) | {r['train_head_s']:.1f} ({r['head_s']:.1f}, "
             f"{r['logreg_s']:.1f}) | {r['report_s']:.1f} ({r['n_test']:,}) | {r['noop_rss_mb']:.0f}, {r['add_rss_mb']:.0f}, "
             f"{r['train_head_rss_mb']:.0f}, {r['report_rss_mb']:.0f} | {above_libraries(r)} | {r['head_test_accuracy']:.3f}, "

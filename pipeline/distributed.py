@@ -77,7 +77,7 @@ def shard(listing: DatasetListing, rank: Rank) -> DatasetListing:
     for name, split in listing.splits.items():
         n = len(split.paths)
         lo, hi = rank.rank * n // rank.world, (rank.rank + 1) * n // rank.world
-        splits[name] = SplitListing.of(split.entries[lo:hi], split.skipped if rank.rank == 0 else [])
+        splits[name] = split.rows(lo, hi, split.skipped if rank.rank == 0 else [])
     return DatasetListing(listing.root, listing.classes, splits)
 
 

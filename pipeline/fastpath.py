@@ -134,9 +134,9 @@ def candidates(device: torch.device, precision: str = "auto", runtime: str = "au
 
 def _calibration_batch(listing: DatasetListing, backbone: Backbone, count: int) -> torch.Tensor | None:
     """Up to ``count`` train images, spread over the listing, decoded and cropped as stage one does."""
-    entries = listing.splits["train"].entries
-    picked = entries[::max(1, len(entries) // count)][:count]
-    dataset = ImageFiles(listing.root, [(e.path, NO_VIEW) for e in picked], backbone.transform(), min_side=backbone.resize)
+    paths = listing.splits["train"].paths
+    picked = paths[::max(1, len(paths) // count)][:count]
+    dataset = ImageFiles(listing.root, [(path, NO_VIEW) for path in picked], backbone.transform(), min_side=backbone.resize)
     _, images, _ = collate_good([dataset[i] for i in range(len(dataset))])
     return images
 

@@ -32,7 +32,7 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 SKIPS_LISTED = 50  # skipped files listed under the summary line; all of them are in the file and the report
 
 
-def _seconds(seconds: float) -> str:
+def seconds_text(seconds: float) -> str:
     """Seconds as the summary line shows them: two decimals below one second (a no-op's), else one."""
     return f"{seconds:.2f}" if seconds < 1 else f"{seconds:.1f}"
 
@@ -90,7 +90,7 @@ class ExtractSummary:
         rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds else ""
         if rate and self.backbone_seconds:
             rate += f", backbone busy {self.backbone_seconds / self.seconds:.0%} of it"
-        started = f", {_seconds(self.import_seconds)} s of it importing torch" if self.import_seconds >= 0.05 else ""
+        started = f", {seconds_text(self.import_seconds)} s of it importing torch" if self.import_seconds >= 0.05 else ""
         state = "up to date" if self.up_to_date else f"extracted {self.extracted}"
         repaired = f", repaired {self.repaired}" if self.repaired else ""
         skipped = [f"  skipped {shown(record.path)}: {record.reason}" for record in self.skipped[:SKIPS_LISTED]]
@@ -99,7 +99,7 @@ class ExtractSummary:
         return "\n".join([
             f"features: {state} | {sum(self.images.values())} vectors ({split_counts}) in {self.path} ({size:.1f} MB) | "
             f"reused {self.reused}, resumed {self.resumed}, removed {self.removed}{repaired}, skipped {len(self.skipped)} | "
-            f"{_seconds(self.seconds)} s{rate}{started}" + (f" | {self.ran_as}" if self.extracted and self.ran_as else ""),
+            f"{seconds_text(self.seconds)} s{rate}{started}" + (f" | {self.ran_as}" if self.extracted and self.ran_as else ""),
             *skipped,
             *self.duplicates.lines(),
         ])

@@ -89,14 +89,15 @@ class Dropout(nn.Dropout):
     """``nn.Dropout`` (each element zeroed with probability p in training, the rest scaled by the inverse of the kept
     fraction; the identity in eval) with its mask drawn two elements per 31-bit draw of ``random_``, ``DROPOUT_BITS``
     bits each: on a CPU, torch's ``bernoulli_`` and ``uniform_`` cost a draw per element and are a large share of a
-    head's epoch (``make bench``, stage two). So p is rounded to a multiple of 2^-15; the scale is the exact inverse
-    of the kept fraction, so the expected output is the input."""
+    head's epoch (``make bench``, stage two). So the p applied is ``p`` (the setting, as recorded) rounded to a multiple
+    of 2^-15 (at most 1 - 2^-15); the scale is the exact inverse of the kept fraction, so the expected output is the
+    input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
         levels = 2 ** DROPOUT_BITS
         dropped = min(round(self.p * levels), levels - 1)
+        if not self.training or dropped == 0:
+            return x
         draws = torch.empty((x.numel() + 1) // 2, dtype=torch.int32, device=x.device).random_()  # 0 .. 2^31 - 1
         bits = torch.cat((draws & (levels - 1), draws >> (31 - DROPOUT_BITS)))[:x.numel()].view(x.shape)
         return x * (bits >= dropped).to(x.dtype).mul_(levels / (levels - dropped))

@@ -63,12 +63,19 @@ class SplitListing:
 
     @classmethod
     def of(cls, entries: list[ImageEntry], skipped: list[Skipped]) -> SplitListing:
+        """The listing of ``entries`` (rows) and ``skipped``."""
         columns = [list(column) for column in zip(*entries)] or [[] for _ in ImageEntry._fields]
         return cls(*columns, skipped)
 
-    @cached_property
+    @property
     def entries(self) -> list[ImageEntry]:
+        """The files as rows, made anew from the columns on each access."""
         return list(map(ImageEntry, self.paths, self.labels, self.sizes, self.mtimes_ns, self.views))
+
+    def rows(self, start: int, stop: int, skipped: list[Skipped]) -> SplitListing:
+        """Files ``start:stop`` (a slice of each column) with ``skipped``."""
+        return SplitListing(self.paths[start:stop], self.labels[start:stop], self.sizes[start:stop],
+                            self.mtimes_ns[start:stop], self.views[start:stop], skipped)
 
 
 def _hashed(parts: Iterable) -> hashlib.blake2b:
@@ -77,6 +84,7 @@ def _hashed(parts: Iterable) -> hashlib.blake2b:
 
 
 def digest(parts: Iterable) -> str:
+    """The hex digest of ``parts`` as NUL-separated text (see ``_hashed``)."""
     return _hashed(parts).hexdigest()
 
 
@@ -150,8 +158,9 @@ def _judge(name: str, stat_of: Callable[[], os.stat_result], dir_fd: int | None 
         info = stat_of()
     except OSError as error:
         raise BadImage(error_reason(name if path is None else path, error, dir_fd)) from None
-    if not stat.S_ISREG(info.st_mode):
-        raise BadImage(not_regular_reason(info.st_mode))
+    reason = not_regular_reason(info.st_mode)
+    if reason:
+        raise BadImage(reason)
     return info
 
 
@@ -202,6 +211,9 @@ def walk_folder(folder: str | os.PathLike, prefix: str = "") -> Iterator[tuple[s
         except (OSError, BadImage) as error:
             os.close(fd)
             return Skipped(rel, str(error) if isinstance(error, BadImage) else error_reason(name, error, parent))
+        except BaseException:  # an interrupt while the folder is read: nothing holds its descriptor yet
+            os.close(fd)
+            raise
         visited.add(key)
         stack.append((rel, fd, ancestors | {key}, iter(entries)))
         return None

@@ -425,12 +425,14 @@ class FeatureStore:
 
     def features(self, split: str, rows: slice = slice(None), out: np.ndarray | None = None) -> np.ndarray:
         """Vectors as float32 (a mapped split's read from its sources run by run), into ``out`` when given (float32,
-        C-contiguous, one row per selected vector; ``rows`` then has step 1); a chunk whose checksum fails is a
-        ``UserError``."""
+        C-contiguous, one row per selected vector; ``rows`` then has step 1; with a step, ``start:stop`` is read and
+        then strided); a chunk whose checksum fails is a ``UserError``."""
         start, stop, step = rows.indices(len(self._indexes[split].paths))
         shape = (max(0, stop - start), self.feature_dim)
-        if out is not None and (step != 1 or out.shape != shape or out.dtype != np.float32):
-            raise ValueError(f"out must be float32 of shape {shape} for rows {start}:{stop} (step 1)")
+        if out is not None and (step != 1 or out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous
+                                or not out.flags.writeable):
+            raise ValueError(f"out must be a writable C-contiguous float32 array of shape {shape} for rows {start}:{stop} "
+                             f"(step 1)")
         vectors = np.empty(shape, dtype=np.float32) if out is None else out
         try:
             if split not in self._placements:

@@ -50,8 +50,13 @@ def test_the_heads_dropout_is_nn_dropout_drawn_faster():
     torch.manual_seed(0)
     assert torch.equal(layer(x), out)  # seeded: the same mask
     assert layer.eval()(x) is x
-    halves = (out != 0).flatten().chunk(2)  # the low and the high bits of the draws
-    assert all(abs(half.float().mean().item() - 0.75) < 0.01 for half in halves)
+    low, high = (out != 0).flatten().chunk(2)  # the low and the high bits of the same draws
+    assert all(abs(half.float().mean().item() - 0.75) < 0.01 for half in (low, high))
+    assert abs((low & high).float().mean().item() - 0.75 ** 2) < 0.01  # independent of each other
+    rounded = MLPHead(8, 2, dropout=0.3)[2].train()(torch.ones(1000, 100))  # 0.3 is not a multiple of 2^-15
+    scale = 2**15 / (2**15 - round(0.3 * 2**15))
+    assert torch.all((rounded == 0) | (rounded == torch.tensor(scale, dtype=torch.float32)))
+    assert abs((rounded != 0).float().mean().item() - 0.7) < 0.01
     odd = layer.train()(torch.ones(3, 5))
     assert odd.shape == (3, 5) and torch.all((odd == 0) | torch.isclose(odd, torch.tensor(1 / 0.75)))
 
@@ -161,6 +166,23 @@ def test_baseline_warm_start_needs_fewer_iterations_and_ends_near_the_optimum(bl
     optimum = _objective(LogisticBaseline(Cs=(1.0,), tol=1e-7, **PLAIN).fit(X, y, X, y), X, y)
     assert path.C_ == cold.C_ == 1.0 and path.n_iter_[1.0] < cold.n_iter_[1.0]
     assert optimum <= _objective(path, X, y) <= optimum * 1.01 and optimum <= _objective(cold, X, y) <= optimum * 1.01
+
+
+def test_the_objective_reuses_its_data_term_at_a_new_c_with_the_numbers_of_a_fresh_evaluation(blobs):
+    X, y, *_ = blobs
+    baseline = LogisticBaseline(class_weight="none")
+    w = np.random.default_rng(0).normal(size=(X.shape[1] + 1) * 3) * 0.1
+    reused = baseline._objective([X], y, 3, torch.device("cpu"), "none")
+    reused.C = 1.0
+    reused(w)
+    reused.C = 10.0
+    value, gradient = reused(w)
+    assert reused.evaluations == 1  # the log loss and its gradient were computed once
+    fresh = baseline._objective([X], y, 3, torch.device("cpu"), "none")
+    fresh.C = 10.0
+    assert fresh(w)[0] == value and np.array_equal(fresh(w)[1], gradient)
+    reused(w + 1e-3)
+    assert reused.evaluations == 2  # another w is evaluated anew
 
 
 def test_standardiser_is_standard_scalers(blobs):

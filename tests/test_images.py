@@ -19,7 +19,7 @@ from conftest import make_images
 from pipeline.errors import UserError
 from pipeline import images
 from pipeline.images import load_image, load_rgb
-from pipeline.listing import IMG_EXTENSIONS, NO_VIEW, BadImage, SplitListing, scan_dataset, walk_folder
+from pipeline.listing import IMG_EXTENSIONS, NO_VIEW, BadImage, Skipped, SplitListing, scan_dataset, walk_folder
 from pipeline.predict import image_files
 
 
@@ -219,13 +219,25 @@ def test_a_listing_s_columns_are_its_entries_and_each_changes_the_digest(tmp_pat
     train = listing.splits["train"]
     assert SplitListing.of(train.entries, train.skipped) == train
     assert [e.path for e in train.entries] == train.paths and {e.view for e in train.entries} == {NO_VIEW}
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    listing = scan_dataset(root)
     digests = {listing.digest}
-    for column in ("paths", "labels", "sizes", "mtimes_ns"):
+    for split in ("train", "test"):
+        for column in ("paths", "labels", "sizes", "mtimes_ns"):
+            changed = scan_dataset(root)
+            values = getattr(changed.splits[split], column)
+            values[-1] = values[-1] + "x" if column == "paths" else values[-1] + 1
+            digests.add(changed.digest)
+    for field in ("path", "reason"):
         changed = scan_dataset(root)
-        values = getattr(changed.splits["test"], column)
-        values[0] = values[0] + "x" if column == "paths" else values[0] + 1
+        [skip] = changed.splits["train"].skipped
+        changed.splits["train"].skipped = [Skipped(**{**vars(skip), field: getattr(skip, field) + "x"})]
         digests.add(changed.digest)
-    assert len(digests) == 5 and scan_dataset(root).digest == listing.digest
+    moved = scan_dataset(root)  # the last train file listed under test instead: the same files, in other splits
+    for column in ("paths", "labels", "sizes", "mtimes_ns", "views"):
+        getattr(moved.splits["test"], column).append(getattr(moved.splits["train"], column).pop())
+    digests.add(moved.digest)
+    assert len(digests) == 12 and scan_dataset(root).digest == listing.digest
 
 
 def _special_files(folder: Path, monkeypatch) -> None:

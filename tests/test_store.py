@@ -86,8 +86,12 @@ def test_vectors_are_read_into_a_given_array_across_runs_and_converted_from_floa
             np.testing.assert_array_equal(out, np.array(expected[1:], dtype=np.float32)[:, None] + np.zeros(DIM))
             assert store.features("train")[:, 0].tolist() == expected and store.features("train").dtype == np.float32
             assert store.features("train", slice(2, 2)).shape == (0, DIM)
-            with pytest.raises(ValueError, match="out must be"):
-                store.features("train", rows, out=np.empty((9, DIM), dtype=np.float32))
+            read_only = out.copy()
+            read_only.setflags(write=False)
+            for wrong in (np.empty((9, DIM), dtype=np.float32), np.empty((len(expected) - 1, 2 * DIM), np.float32)[:, ::2],
+                          np.empty_like(out, dtype=np.float64), read_only):
+                with pytest.raises(ValueError, match="out must be"):  # not read as damage
+                    store.features("train", rows, out=wrong)
 
 
 def test_runs_that_do_not_tile_the_rows_are_refused():
