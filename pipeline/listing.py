@@ -147,9 +147,9 @@ def _is_link(path: str | os.PathLike, dir_fd: int | None) -> bool:
         return False
 
 
-def _judge(name: str, stat_of: Callable[[], os.stat_result], dir_fd: int | None = None, path: str | None = None) -> os.stat_result:
-    """``image_stat``'s rule for the file ``name`` (at ``path``, else ``name`` in folder ``dir_fd``), its stat taken
-    by ``stat_of()`` (``DirEntry.stat`` saves a syscall)."""
+def _judge(name: str, path: str, stat_of: Callable[[], os.stat_result], dir_fd: int | None = None) -> os.stat_result:
+    """``image_stat``'s rule for the file ``name`` at ``path`` (relative to folder ``dir_fd`` when given), its stat
+    taken by ``stat_of()`` (``DirEntry.stat`` saves a syscall)."""
     if _is_hidden(name):
         raise BadImage("hidden file")
     if not name.lower().endswith(IMG_EXTENSIONS):
@@ -157,7 +157,7 @@ def _judge(name: str, stat_of: Callable[[], os.stat_result], dir_fd: int | None 
     try:
         info = stat_of()
     except OSError as error:
-        raise BadImage(error_reason(name if path is None else path, error, dir_fd)) from None
+        raise BadImage(error_reason(path, error, dir_fd)) from None
     reason = not_regular_reason(info.st_mode)
     if reason:
         raise BadImage(reason)
@@ -170,7 +170,7 @@ def image_stat(path: str | os.PathLike) -> os.stat_result:
     The one rule for dataset scans and ``predict``, in order: a hidden name, an extension not in
     ``IMG_EXTENSIONS``, a broken or looping symbolic link or any other error, then anything but a regular file
     (FIFO, socket, device)."""
-    return _judge(os.path.basename(path), lambda: os.stat(path), path=os.fspath(path))
+    return _judge(os.path.basename(path), os.fspath(path), lambda: os.stat(path))
 
 
 def _is_folder(entry: os.DirEntry) -> bool:
@@ -204,19 +204,21 @@ def walk_folder(folder: str | os.PathLike, prefix: str = "") -> Iterator[tuple[s
             info = os.fstat(fd)
             key = (info.st_dev, info.st_ino)
             if key in ancestors:
-                raise BadImage("symbolic link to a folder already scanned (loop)")
-            if key in visited:
-                raise BadImage("folder already scanned through another path (symbolic link)")
-            entries = sorted(os.scandir(fd), key=lambda entry: entry.name)
-        except (OSError, BadImage) as error:
-            os.close(fd)
-            return Skipped(rel, str(error) if isinstance(error, BadImage) else error_reason(name, error, parent))
+                reason = "symbolic link to a folder already scanned (loop)"
+            elif key in visited:
+                reason = "folder already scanned through another path (symbolic link)"
+            else:
+                entries = sorted(os.scandir(fd), key=lambda entry: entry.name)
+                visited.add(key)
+                stack.append((rel, fd, ancestors | {key}, iter(entries)))  # closed when the walk leaves it
+                return None
+        except OSError as error:
+            reason = error_reason(name, error, parent)
         except BaseException:  # an interrupt while the folder is read: nothing holds its descriptor yet
             os.close(fd)
             raise
-        visited.add(key)
-        stack.append((rel, fd, ancestors | {key}, iter(entries)))
-        return None
+        os.close(fd)
+        return Skipped(rel, reason)
 
     try:
         skipped = enter(folder, prefix, None, frozenset())
@@ -228,7 +230,7 @@ def walk_folder(folder: str | os.PathLike, prefix: str = "") -> Iterator[tuple[s
                 name = entry.name
                 if not _is_folder(entry):
                     try:
-                        info = _judge(name, entry.stat, fd)
+                        info = _judge(name, name, entry.stat, fd)
                     except BadImage as bad:
                         yield Skipped(rel + name, str(bad))
                     else:
