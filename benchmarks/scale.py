@@ -132,6 +132,27 @@ def in_run_seconds(stdout: str) -> tuple[float, float]:
     return float(re.search(r"\| ([\d.]+) s", line).group(1)), float(imported.group(1)) if imported else 0.0
 
 
+FIRST_FILL = ("import sys, time, numpy as np; from pipeline.store import mapped_matrix; n, d = map(int, sys.argv[1:3]); "
+              "start = time.perf_counter(); X = np.empty((n, d), np.float32) if sys.argv[3] == 'numpy' else mapped_matrix(n, d); "
+              "X.fill(1.0); print(time.perf_counter() - start)")
+ALLOCATIONS = ("numpy", "mapped")  # np.empty (numpy advises huge pages from 4 MB), pipeline.store.mapped_matrix (does not)
+
+
+FILL_PAUSE_S = 10  # before each first fill: what earlier processes freed is as old as at a command typed after them
+
+
+def first_fill_s(rows: int, dim: int) -> dict[str, float]:
+    """Seconds to allocate a rows x dim float32 matrix and write it once, each way in a fresh process (a process's
+    first large allocation, as a command's train matrix is), each after ``FILL_PAUSE_S``: a VM with free page
+    reporting hands memory freed a few seconds before back to its host, and a fill right after a free measures the
+    memory still held."""
+    fills = {}
+    for way in ALLOCATIONS:
+        time.sleep(FILL_PAUSE_S)
+        fills[way] = float(run(["-c", FIRST_FILL, rows, dim, way])["stdout"])
+    return fills
+
+
 def files_of(folder: Path) -> dict[Path, tuple[int, int]]:
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
@@ -205,6 +226,7 @@ def measure(n: int, args: argparse.Namespace, work: Path) -> dict:
         "head_s": training["head_seconds"], "logreg_s": training["logreg_seconds"], "n_train": training["n_train"],
         "report_s": report["s"], "report_rss_mb": report["rss_mb"], "n_test": metrics["n_test"],
         "head_test_accuracy": metrics["head"]["test_accuracy"], "logreg_test_accuracy": metrics["logreg"]["test_accuracy"],
+        "first_fill_s": first_fill_s(training["n_train"] + training["n_val"], metrics["feature_dim"]),
         "load_average": os.getloadavg()[0], "row_s": time.perf_counter() - started,
     }
 
@@ -244,6 +266,12 @@ def render(rows: list[dict], slopes: dict[str, float]) -> str:
     lines = [HEADER, *map(table_row, rows), "", "setup per N (not measured costs): " + "; ".join(
         f"{r['n']:,}: files {r['files_s']:.0f} s, store {r['build_s']:.0f} s ({r['store_mb']:.0f} MB), whole row "
         f"{r['row_s']:.0f} s, load average {r['load_average']:.1f}" for r in rows)]
+    filled = [r for r in rows if "first_fill_s" in r]  # rows recorded before the bench measured it have none
+    if filled:
+        lines += ["", "first fill of a new train matrix (N x D float32, fresh process), numpy's np.empty (huge pages "
+                      "advised) against the mapped_matrix stage two reads into: " + "; ".join(
+                          f"{r['n']:,}: {r['first_fill_s']['numpy']:.2f} s against {r['first_fill_s']['mapped']:.2f} s "
+                          f"({r['first_fill_s']['numpy'] / r['first_fill_s']['mapped']:.1f}x)" for r in filled)]
     if slopes:
         names = {**COSTS, **{k: f"peak RSS {v}" for k, v in MEMORY.items()}, "add_written_mb": "add 10: bytes written"}
         lines += ["", "growth with N (slope of log cost vs log N; 0 flat, 1 linear): "

@@ -19,7 +19,7 @@ from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_
 from pipeline.head import HeadClassifier, normalise_in_place
 from pipeline.listing import AUGMENTED
 from pipeline.runs import TRAINING_FILE, read_training_record, seal, training_dir
-from pipeline.store import FeatureStore, features_file
+from pipeline.store import FeatureStore, features_file, mapped_matrix
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ def _read_partitioned(store: FeatureStore, split: str, last: np.ndarray, normali
     """The split's vectors normalised by ``normalisation``, the rows where ``last`` is False first and those where it
     is True after, each part in store order: read block by block into one buffer, normalised there and compressed
     into place, so the only array of the split's size is the one returned."""
-    X = np.empty((len(last), store.feature_dim), dtype=np.float32)
-    buffer = np.empty((min(READ_ROWS, len(last)), store.feature_dim), dtype=np.float32)
+    X = mapped_matrix(len(last), store.feature_dim)
+    buffer = mapped_matrix(min(READ_ROWS, len(last)), store.feature_dim)
     free = [0, len(last) - int(last.sum())]  # the next row to fill in each part
     for start in range(0, len(last), READ_ROWS):
         block = normalise_in_place(store.features(split, slice(start, start + READ_ROWS),

@@ -12,7 +12,7 @@ from conftest import make_images
 from pipeline.config import Settings
 from pipeline.extract import extract
 from pipeline.store import (FeatureStore, ImageKey, Placement, Source, SplitIndex, StoreWriter, _strings, content_digest,
-                            encoded, features_file)
+                            encoded, features_file, mapped_matrix)
 
 DIM = 3
 ATTRS = {"fingerprint": "{}", "backbone": "test", "feature_dim": DIM, "classes": ["a", "b"]}
@@ -92,6 +92,23 @@ def test_vectors_are_read_into_a_given_array_across_runs_and_converted_from_floa
                           np.empty_like(out, dtype=np.float64), read_only):
                 with pytest.raises(ValueError, match="out must be"):  # not read as damage
                     store.features("train", rows, out=wrong)
+
+
+def test_a_mapped_matrix_is_private_writable_zeroed_float32_memory():
+    import torch
+
+    X = mapped_matrix(3000, 7)
+    assert X.shape == (3000, 7) and X.dtype == np.float32 and X.flags.c_contiguous and X.flags.writeable
+    assert not X.any()
+    torch.from_numpy(X)[5, 2] = 4.0  # torch works on it in place, as the head does on the train matrix
+    assert X[5, 2] == 4.0 and not mapped_matrix(3000, 7).any()
+    child = os.fork()
+    if child == 0:  # a forked process (a DataLoader worker) writes to its own copy, never to the parent's
+        X[0, 0] = 1.0
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert X[0, 0] == 0.0
+    assert mapped_matrix(0, 7).shape == (0, 7) and mapped_matrix(4, 0).shape == (4, 0)
 
 
 def test_runs_that_do_not_tile_the_rows_are_refused():
