@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 TITLES = {"head": "Head", "logreg": "Logistic regression"}
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_DRAWS = 1 << 19  # test images drawn per block of resamples
 TOP_K = 5  # top-k accuracy is reported where there are more classes than this
 TOP_KEY = f"top{TOP_K}_accuracy"
 MOST_CONFUSED = 10  # class pairs listed per model
@@ -63,16 +64,21 @@ def wilson_interval(successes: int, n: int) -> list[float]:
 
 def bootstrap_balanced_accuracy(y: np.ndarray, predicted: np.ndarray, n_classes: int, seed: int) -> list[float]:
     """Percentile interval (``CONFIDENCE``) of the balanced accuracy over ``BOOTSTRAP_RESAMPLES`` resamples of the
-    test images, all drawn at once; the same seed draws the same resamples for every model (a paired comparison).
-    Each resample's balanced accuracy is, as in scikit-learn, the mean recall over the classes it holds. A model
-    right on every test image gets [1, 1]: read it beside the Wilson interval of the accuracy."""
-    draws = np.random.default_rng(seed).integers(0, len(y), size=(BOOTSTRAP_RESAMPLES, len(y)))
-    cells = (np.arange(BOOTSTRAP_RESAMPLES)[:, None] * n_classes + y[draws]).ravel()
-    size = BOOTSTRAP_RESAMPLES * n_classes
-    totals = np.bincount(cells, minlength=size).reshape(BOOTSTRAP_RESAMPLES, n_classes)
-    hits = np.bincount(cells, weights=(predicted[draws] == y[draws]).ravel(), minlength=size).reshape(totals.shape)
-    held = totals > 0
-    scores = (hits / np.where(held, totals, 1)).sum(axis=1) / held.sum(axis=1)
+    test images, drawn from one generator in blocks of about ``BOOTSTRAP_DRAWS`` images (the draws of one call for
+    all, with temporaries of a few MB at any test size); the same seed draws the same resamples for every model (a
+    paired comparison). Each resample's balanced accuracy is, as in scikit-learn, the mean recall over the classes
+    it holds. A model right on every test image gets [1, 1]: read it beside the Wilson interval of the accuracy."""
+    rng, right = np.random.default_rng(seed), predicted == y
+    per_block = max(1, BOOTSTRAP_DRAWS // len(y))
+    scores = np.empty(BOOTSTRAP_RESAMPLES)
+    for start in range(0, BOOTSTRAP_RESAMPLES, per_block):
+        count = min(per_block, BOOTSTRAP_RESAMPLES - start)
+        draws = rng.integers(0, len(y), size=(count, len(y)))
+        cells = (np.arange(count)[:, None] * n_classes + y[draws]).ravel()
+        totals = np.bincount(cells, minlength=count * n_classes).reshape(count, n_classes)
+        hits = np.bincount(cells, weights=right[draws].ravel(), minlength=count * n_classes).reshape(totals.shape)
+        held = totals > 0
+        scores[start:start + count] = (hits / np.where(held, totals, 1)).sum(axis=1) / held.sum(axis=1)
     tail = (1 - CONFIDENCE) / 2 * 100
     return np.percentile(scores, [tail, 100 - tail]).tolist()
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib
 import io
 import json
 import os
 import subprocess
+import warnings
 from datetime import datetime, timezone
 from collections.abc import Callable
 from pathlib import Path
@@ -158,7 +160,7 @@ def test_outputs_stay_bounded_and_complete_at_every_class_count(reported):
     assert not list(folder.glob("*.tmp"))
 
 
-def test_the_intervals_are_wilson_and_a_seeded_paired_bootstrap():
+def test_the_intervals_are_wilson_and_a_seeded_paired_bootstrap(monkeypatch):
     z = 1.959963984540054
     n, hits = 500, 493
     p = hits / n
@@ -179,6 +181,13 @@ def test_the_intervals_are_wilson_and_a_seeded_paired_bootstrap():
     assert narrower[1] - narrower[0] < interval[1] - interval[0]
     assert bootstrap_balanced_accuracy(np.array([2]), np.array([2]), 3, seed=0) == [1.0, 1.0]
     assert BOOTSTRAP_RESAMPLES >= 1000
+    with warnings.catch_warnings():  # a resample without some predicted class: scikit-learn says so, and skips it
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        resampled = [balanced_accuracy_score(y[draw], predicted[draw])
+                     for draw in np.random.default_rng(3).integers(0, len(y), size=(BOOTSTRAP_RESAMPLES, len(y)))]
+    assert interval == pytest.approx(np.percentile(resampled, [2.5, 97.5]).tolist(), abs=1e-12)
+    monkeypatch.setattr(importlib.import_module("pipeline.report"), "BOOTSTRAP_DRAWS", 1)  # one resample per block: the same draws
+    assert bootstrap_balanced_accuracy(y, predicted, 10, seed=3) == interval
 
 
 def test_the_103_class_page_is_sortable_and_loads_in_headless_chromium(reports, tmp_path):
