@@ -56,6 +56,7 @@ C_GRID = tuple(float(10.0 ** (e / 2)) for e in range(-4, 7))  # 10^-2 .. 10^3, t
 PATH_PATIENCE = 2  # above SMALL_FIT train vectors, the validation path stops after this many Cs worse than the best
 CV_MAX_VECTORS = 20_000  # up to this many train + validation vectors C is chosen by cross-validation
 MAX_ITER = 2000
+PREDICT_ROWS = 1024  # vectors per block of predict_proba
 TOL = 1e-4  # scikit-learn's default
 # A warm start must also cut the gradient that the change of C adds at its start WARM_REDUCTION-fold (but need
 # not go below WARM_FLOOR): the objective is scaled by 1/N, so at 10^5 vectors that gradient is already below
@@ -364,9 +365,12 @@ class LogisticBaseline(ValidatedClassifier):
         return {C: tuple(total / folds) for C, total in totals.items()}
 
     def predict_proba(self, X) -> np.ndarray:
-        """Probabilities over all classes (zero for a class absent from the training labels)."""
+        """Probabilities over all classes (zero for a class absent from the training labels), by the scikit-learn
+        pipeline in float64, ``PREDICT_ROWS`` vectors at a time (its temporaries stay a few MB at any size of X)."""
         proba = np.zeros((len(X), len(self.classes_)))
-        proba[:, self.pipeline_.classes_] = self.pipeline_.predict_proba(np.asarray(X, dtype=np.float64))
+        for start in range(0, max(1, len(X)), PREDICT_ROWS):  # an empty X too goes to scikit-learn, which refuses it
+            rows = np.asarray(X[start:start + PREDICT_ROWS], dtype=np.float64)
+            proba[start:start + len(rows), self.pipeline_.classes_] = self.pipeline_.predict_proba(rows)
         return proba
 
     def save(self, path: Path, **metadata) -> None:

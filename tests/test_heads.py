@@ -125,6 +125,19 @@ def test_baseline_saves_coefficients_as_json_and_loads_them_exactly(tmp_path, bl
     assert loaded.predict_proba(Xt).shape == (len(Xt), 3) and meta["backbone"] == "b"
 
 
+def test_baseline_probabilities_in_blocks_are_the_pipelines_on_all_rows_at_once(blobs, monkeypatch):
+    X, y, Xv, yv, Xt, _ = blobs
+    baseline = LogisticBaseline().fit(X, y, Xv, yv, n_classes=4)  # class 3 has no vectors: probability 0
+    whole = np.zeros((len(Xt), 4))
+    whole[:, :3] = baseline.pipeline_.predict_proba(Xt.astype(np.float64))
+    monkeypatch.setattr(import_module("pipeline.baseline"), "PREDICT_ROWS", 7)
+    assert len(Xt) % 7 and len(Xt) > 7  # several blocks, the last one short
+    # the same numbers up to the last bits, which BLAS may round otherwise for another number of rows
+    np.testing.assert_allclose(baseline.predict_proba(Xt), whole, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="0 sample"):
+        baseline.predict_proba(Xt[:0])
+
+
 def test_head_batch_size_zero_is_64_for_small_sets_and_grows_with_the_train_size(blobs):
     X, y, Xv, yv, Xt, _ = blobs
     assert auto_batch_size(len(X)) == auto_batch_size(8192) == 64
