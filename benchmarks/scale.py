@@ -132,10 +132,10 @@ def in_run_seconds(stdout: str) -> tuple[float, float]:
     return float(re.search(r"\| ([\d.]+) s", line).group(1)), float(imported.group(1)) if imported else 0.0
 
 
-FIRST_FILL = ("import sys, time, numpy as np; from pipeline.store import mapped_matrix; n, d = map(int, sys.argv[1:3]); "
+FIRST_FILL = ("import sys, time, numpy as np; from pipeline.memory import mapped_matrix; n, d = map(int, sys.argv[1:3]); "
               "start = time.perf_counter(); X = np.empty((n, d), np.float32) if sys.argv[3] == 'numpy' else mapped_matrix(n, d); "
               "X.fill(1.0); print(time.perf_counter() - start)")
-ALLOCATIONS = ("numpy", "mapped")  # np.empty (numpy advises huge pages from 4 MB), pipeline.store.mapped_matrix (does not)
+ALLOCATIONS = ("numpy", "mapped")  # np.empty (numpy advises huge pages from 4 MB), pipeline.memory.mapped_matrix (does not)
 
 
 FILL_PAUSE_S = 10  # before each first fill: what earlier processes freed is as old as at a command typed after them

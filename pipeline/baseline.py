@@ -50,7 +50,8 @@ from sklearn.utils.validation import check_X_y
 
 from pipeline.files import atomic_write_text
 from pipeline.head import (PRE_ACCURACY_PARAMS, SMALL_FIT, ValidatedClassifier, balanced_class_weights, normalise,
-                           refits, training_device)
+                           normalise_in_place, refits, training_device)
+from pipeline.memory import mapped_matrix
 
 C_GRID = tuple(float(10.0 ** (e / 2)) for e in range(-4, 7))  # 10^-2 .. 10^3, two per decade
 PATH_PATIENCE = 2  # above SMALL_FIT train vectors, the validation path stops after this many Cs worse than the best
@@ -296,7 +297,9 @@ class LogisticBaseline(ValidatedClassifier):
         if folds >= 2 and counts.sum() <= CV_MAX_VECTORS:
             # small: train and validation are joined and normalised once, and every fit reads that copy as is
             self.selection_ = f"{folds}-fold cross-validation"
-            joined = normalise(np.concatenate([X, X_val]), vectors_are)
+            joined = mapped_matrix(len(X) + len(X_val), X.shape[1])
+            joined[:len(X)], joined[len(X):] = X, X_val
+            normalise_in_place(joined, vectors_are)
             parts, vectors_are = [joined] if refit else [joined[:len(X)]], "none"
             totals = self._cross_validate(joined, np.concatenate([y, y_val]), folds, device)
             self.C_ = max(sorted(totals), key=lambda C: (*_rank(totals[C]), -C))
@@ -366,7 +369,7 @@ class LogisticBaseline(ValidatedClassifier):
 
     def predict_proba(self, X) -> np.ndarray:
         """Probabilities over all classes (zero for a class absent from the training labels), by the scikit-learn
-        pipeline in float64, ``PREDICT_ROWS`` vectors at a time (its temporaries stay a few MB at any size of X)."""
+        pipeline in float64, ``PREDICT_ROWS`` vectors at a time (its float64 copies are of one block, not of X)."""
         proba = np.zeros((len(X), len(self.classes_)))
         for start in range(0, max(1, len(X)), PREDICT_ROWS):  # an empty X too goes to scikit-learn, which refuses it
             rows = np.asarray(X[start:start + PREDICT_ROWS], dtype=np.float64)

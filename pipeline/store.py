@@ -27,7 +27,6 @@ import ctypes.util
 import errno
 import hashlib
 import json
-import mmap
 import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -41,6 +40,7 @@ from pipeline import faults
 from pipeline.bulk import per_image
 from pipeline.errors import UserError
 from pipeline.listing import DIGEST_BYTES, NO_VIEW
+from pipeline.memory import mapped_matrix
 from pipeline.files import fsync_dir
 
 FORMAT = "pipeline-features"
@@ -271,17 +271,6 @@ def _damaged(path: Path, detail: object) -> UserError:
     return UserError(f"{path} is damaged ({detail}); run `make features` to rebuild it (readers never use a damaged cache)")
 
 
-def mapped_matrix(rows: int, dim: int) -> np.ndarray:
-    """A new float32 ``rows`` x ``dim`` array of zeros in a private anonymous memory map, for vectors filled once and
-    kept (a whole split). It gets the system's default pages, where numpy advises transparent huge pages for every
-    array of 4 MB and more: on a VM that hands free memory back to its host in 2 MB blocks (virtio-balloon free page
-    reporting), the first touch of each huge page makes the host fault in every 4 KB of it, and a train matrix took
-    several times longer to fill (``make bench``, scale section, measures both ways on the machine it runs on)."""
-    if rows * dim == 0:
-        return np.zeros((rows, dim), dtype=np.float32)
-    return np.frombuffer(mmap.mmap(-1, rows * dim * 4, flags=mmap.MAP_PRIVATE), dtype=np.float32).reshape(rows, dim)
-
-
 def _read_rows(dataset: h5py.Dataset, start: int, out: np.ndarray) -> None:
     """Rows ``start:start + len(out)`` of ``dataset`` into ``out``: by HDF5 straight into it when the dtypes match
     (h5py's slicing makes a temporary array and is slower on a large selection), else converted."""
@@ -440,6 +429,8 @@ class FeatureStore:
         C-contiguous, one row per selected vector; ``rows`` then has step 1; with a step, ``start:stop`` is read and
         then strided), else into a new array (a ``mapped_matrix`` for the whole split); a chunk whose checksum fails is
         a ``UserError``."""
+        if rows.step is not None and rows.step < 1:
+            raise ValueError(f"rows must have a positive step, not {rows.step}")
         start, stop, step = rows.indices(len(self._indexes[split].paths))
         shape = (max(0, stop - start), self.feature_dim)
         if out is not None and (step != 1 or out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous

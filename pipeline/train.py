@@ -19,7 +19,8 @@ from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_
 from pipeline.head import HeadClassifier, normalise_in_place
 from pipeline.listing import AUGMENTED
 from pipeline.runs import TRAINING_FILE, read_training_record, seal, training_dir
-from pipeline.store import FeatureStore, features_file, mapped_matrix
+from pipeline.memory import mapped_matrix
+from pipeline.store import FeatureStore, features_file
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +192,11 @@ def _fit_on_views(settings: Settings, data: TrainingSet, path: Path) -> dict:
     start = time.perf_counter()
     log.info(f"train-head: head on {data.n_train} images + {keep.sum()} augmented views")
     X, y = data.train
+    joined = mapped_matrix(len(X) + int(keep.sum()), X.shape[1])
+    joined[:len(X)] = X
+    normalise_in_place(np.compress(keep, X_views, axis=0, out=joined[len(X):]), settings.normalisation)
     head = _new_head(settings)
-    head.fit(np.concatenate([X, normalise_in_place(X_views[keep], settings.normalisation)]),
-             np.concatenate([y, y_views[keep]]), *data.validation, n_classes=data.n_classes, normalised=True)
+    head.fit(joined, np.concatenate([y, y_views[keep]]), *data.validation, n_classes=data.n_classes, normalised=True)
     head.save(path, **data.source)
     return {"n_views": int(keep.sum()), "views_per_image": len(view_paths) // max(1, len(data.paths)),
             "seconds": time.perf_counter() - start}

@@ -180,6 +180,8 @@ def test_the_intervals_are_wilson_and_a_seeded_paired_bootstrap(monkeypatch):
     narrower = bootstrap_balanced_accuracy(np.tile(y, 4), np.tile(predicted, 4), 10, seed=3)
     assert narrower[1] - narrower[0] < interval[1] - interval[0]
     assert bootstrap_balanced_accuracy(np.array([2]), np.array([2]), 3, seed=0) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="no test images"):
+        bootstrap_balanced_accuracy(np.zeros(0, dtype=int), np.zeros(0, dtype=int), 3, seed=0)
     assert BOOTSTRAP_RESAMPLES >= 1000
     with warnings.catch_warnings():  # a resample without some predicted class: scikit-learn says so, and skips it
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")

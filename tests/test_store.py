@@ -11,8 +11,9 @@ import pytest
 from conftest import make_images
 from pipeline.config import Settings
 from pipeline.extract import extract
+from pipeline.memory import mapped_matrix
 from pipeline.store import (FeatureStore, ImageKey, Placement, Source, SplitIndex, StoreWriter, _strings, content_digest,
-                            encoded, features_file, mapped_matrix)
+                            encoded, features_file)
 
 DIM = 3
 ATTRS = {"fingerprint": "{}", "backbone": "test", "feature_dim": DIM, "classes": ["a", "b"]}
@@ -94,21 +95,51 @@ def test_vectors_are_read_into_a_given_array_across_runs_and_converted_from_floa
                     store.features("train", rows, out=wrong)
 
 
-def test_a_mapped_matrix_is_private_writable_zeroed_float32_memory():
+def _vm_flags(array: np.ndarray) -> list[str]:
+    """The kernel's flags for the mapping that holds the middle of ``array`` (``/proc/self/smaps``; Linux)."""
+    address, flags, inside = array.ctypes.data + array.nbytes // 2, None, False  # numpy advises from a page boundary on
+    for line in open("/proc/self/smaps"):
+        first = line.split()[0]
+        if "-" in first and not first.endswith(":"):
+            start, end = (int(a, 16) for a in first.split("-"))
+            inside = start <= address < end
+        elif inside and first == "VmFlags:":
+            flags = line.split()[1:]
+    return flags
+
+
+def test_a_mapped_matrix_is_private_writable_zeroed_float32_memory_without_huge_page_advice():
     import torch
 
-    X = mapped_matrix(3000, 7)
-    assert X.shape == (3000, 7) and X.dtype == np.float32 and X.flags.c_contiguous and X.flags.writeable
+    X = mapped_matrix(3000, 700)
+    assert X.shape == (3000, 700) and X.dtype == np.float32 and X.flags.c_contiguous and X.flags.writeable
     assert not X.any()
+    if os.path.exists("/proc/self/smaps"):  # numpy's own array of this size is advised huge pages ("hg")
+        assert "hg" not in _vm_flags(X)
     torch.from_numpy(X)[5, 2] = 4.0  # torch works on it in place, as the head does on the train matrix
-    assert X[5, 2] == 4.0 and not mapped_matrix(3000, 7).any()
+    assert X[5, 2] == 4.0 and not mapped_matrix(3000, 700).any()
     child = os.fork()
     if child == 0:  # a forked process (a DataLoader worker) writes to its own copy, never to the parent's
-        X[0, 0] = 1.0
-        os._exit(0)
-    os.waitpid(child, 0)
+        try:
+            X[0, 0] = 1.0
+        finally:
+            os._exit(0 if X[0, 0] == 1.0 else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
     assert X[0, 0] == 0.0
     assert mapped_matrix(0, 7).shape == (0, 7) and mapped_matrix(4, 0).shape == (4, 0)
+
+
+def test_a_whole_split_is_read_into_a_mapped_matrix_and_a_part_into_plain_memory(tmp_path, monkeypatch):
+    import pipeline.store
+
+    _segment(tmp_path / "a.h5", ["a0", "a1", "a2"])
+    made = []
+    monkeypatch.setattr(pipeline.store, "mapped_matrix", lambda *shape: made.append(shape) or mapped_matrix(*shape))
+    with FeatureStore(tmp_path / "a.h5") as store:
+        assert store.features("train")[:, 0].tolist() == [0, 1, 2] and made == [(3, DIM)]
+        assert store.features("train", slice(1, None))[:, 0].tolist() == [1, 2] and made == [(3, DIM)]
+        with pytest.raises(ValueError, match="positive step"):
+            store.features("train", slice(None, None, -1))
 
 
 def test_runs_that_do_not_tile_the_rows_are_refused():
