@@ -297,7 +297,7 @@ def main() -> None:
             common = ["--cache", cache, "--backbone", args.backbone]
             stage1 = peak_rss_mb(["features", "--data", folder, *common, "--workers", "0", *(["--weights", weights] if weights else [])])
             stage2 = peak_rss_mb(["train-head", *common, "--epochs", "2"])
-            images = sum(len(s.entries) for s in scan_dataset(folder).splits.values())
+            images = sum(len(s.paths) for s in scan_dataset(folder).splits.values())
             results["memory_mb"][name] = {"images": images, "stage1": stage1, "stage2": stage2}
 
         results["decode"] = decode_ms(work)

@@ -64,10 +64,11 @@ def wilson_interval(successes: int, n: int) -> list[float]:
 
 def bootstrap_balanced_accuracy(y: np.ndarray, predicted: np.ndarray, n_classes: int, seed: int) -> list[float]:
     """Percentile interval (``CONFIDENCE``) of the balanced accuracy over ``BOOTSTRAP_RESAMPLES`` resamples of the
-    test images, drawn from one generator in blocks of about ``BOOTSTRAP_DRAWS`` images (the draws of one call for
-    all; above that many test images, one resample per block); the same seed draws the same resamples for every
-    model (a paired comparison). Each resample's balanced accuracy is, as in scikit-learn, the mean recall over the classes
-    it holds. A model right on every test image gets [1, 1]: read it beside the Wilson interval of the accuracy."""
+    test images, drawn from one generator in blocks of about ``BOOTSTRAP_DRAWS`` images (the same draws as one call
+    for all; above that many test images, one resample per block); the same seed draws the same resamples for every
+    model (a paired comparison). Each resample's balanced accuracy is, as in scikit-learn, the mean recall over the
+    classes it holds. A model right on every test image gets [1, 1]: read it beside the Wilson interval of the
+    accuracy."""
     if len(y) == 0:
         raise ValueError("no test images to resample")
     rng, right = np.random.default_rng(seed), predicted == y

@@ -431,27 +431,28 @@ class FeatureStore:
         a ``UserError``."""
         if rows.step is not None and rows.step < 1:
             raise ValueError(f"rows must have a positive step, not {rows.step}")
-        start, stop, step = rows.indices(len(self._indexes[split].paths))
+        n = len(self._indexes[split].paths)
+        start, stop, step = rows.indices(n)
         shape = (max(0, stop - start), self.feature_dim)
         if out is not None and (step != 1 or out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous
                                 or not out.flags.writeable):
             raise ValueError(f"out must be a writable C-contiguous float32 array of shape {shape} for rows {start}:{stop} "
                              f"(step 1)")
-        whole = start == 0 and stop == len(self._indexes[split].paths)
+        whole = shape[0] == n
         vectors = out if out is not None else mapped_matrix(*shape) if whole else np.empty(shape, dtype=np.float32)
         try:
             if split not in self._placements:
                 _read_rows(self.file[split]["features"], start, vectors)
-                return vectors if step == 1 else vectors[::step]
-            runs = self._runs[split]
-            first_run = max(0, int(np.searchsorted(runs[:, 0], start, side="right")) - 1)
-            for run_start, run_stop, source, source_start in runs[first_run:].tolist():
-                if run_start >= stop:
-                    break
-                a, b = max(run_start, start), min(run_stop, stop)
-                if a < b:
-                    _read_rows(self._source_files[source][split]["features"], source_start + a - run_start,
-                               vectors[a - start:b - start])
+            else:
+                runs = self._runs[split]
+                first_run = max(0, int(np.searchsorted(runs[:, 0], start, side="right")) - 1)
+                for run_start, run_stop, source, source_start in runs[first_run:].tolist():
+                    if run_start >= stop:
+                        break
+                    a, b = max(run_start, start), min(run_stop, stop)
+                    if a < b:
+                        _read_rows(self._source_files[source][split]["features"], source_start + a - run_start,
+                                   vectors[a - start:b - start])
             return vectors if step == 1 else vectors[::step]
         except Exception as error:  # noqa: BLE001 - h5py reports a failed checksum as OSError, damage as others
             raise UserError(f"{self.path} is damaged ({split} vectors: {error}); run `make features VERIFY=1` to redo the "

@@ -18,8 +18,8 @@ from pipeline.errors import UserError
 from pipeline.files import atomic_write_text, check_writable, disk_full_as_user_error, file_sha256
 from pipeline.head import HeadClassifier, normalise_in_place
 from pipeline.listing import AUGMENTED
-from pipeline.runs import TRAINING_FILE, read_training_record, seal, training_dir
 from pipeline.memory import mapped_matrix
+from pipeline.runs import TRAINING_FILE, read_training_record, seal, training_dir
 from pipeline.store import FeatureStore, features_file
 
 log = logging.getLogger(__name__)
