@@ -18,12 +18,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+from pipeline import baseline
 from pipeline.backbones import get_backbone, load_backbone
 from pipeline.config import DEFAULTS, Settings
 from pipeline.extract import decode_workers, extract
@@ -168,6 +170,20 @@ def head_training_seconds(X: np.ndarray, y: np.ndarray, epochs: int, seed: int =
     return time.perf_counter() - start
 
 
+def baseline_blas_seconds(X: np.ndarray, y: np.ndarray, repeats: int = 3) -> dict:
+    """The logistic baseline's fit on (X, y), median seconds of ``repeats`` interleaved, with numpy's and SciPy's BLAS
+    sequential (the library's way, ``baseline.sequential_numpy_blas``) and left on their default threads."""
+    seconds: dict[str, list[float]] = {"sequential": [], "threaded": []}
+    for _ in range(repeats):
+        for way, times in seconds.items():
+            left_threaded = mock.patch.object(baseline, "sequential_numpy_blas", contextlib.nullcontext)
+            with left_threaded if way == "threaded" else contextlib.nullcontext():
+                start = time.perf_counter()
+                baseline.LogisticBaseline().fit(X, y)
+                times.append(time.perf_counter() - start)
+    return {way: float(np.median(times)) for way, times in seconds.items()}
+
+
 def decoder_ms(data: Path, backbone: str, images: int = 200) -> dict:
     """Per image, decode and resize to the backbone's crop: Pillow alone against ``load_image`` (TorchCodec for
     plain JPEGs, where it is installed)."""
@@ -288,6 +304,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "pipeline", "train-head", "--cache", str(settings.cache), "--backbone", args.backbone],
                        cwd=REPO, check=True, capture_output=True)
         results["stage2"] = {"head_epoch_s_per_10k": epoch_s, "logreg_fit_s": logreg_s, "logreg_n": len(y),
+                             "baseline_fit_s": baseline_blas_seconds(X, y),
                              "train_head_wall_s": time.perf_counter() - start}
 
         # 5. peak memory at two dataset sizes: stage one streams, stage two holds the vectors
@@ -362,6 +379,9 @@ def render(r: dict) -> str:
         "",
         f"stage two: head {s2['head_epoch_s_per_10k']:.2f} s per epoch per 10k vectors; logistic fit {s2['logreg_fit_s']:.2f} s "
         f"on {s2['logreg_n']} vectors; `train-head` end to end {s2['train_head_wall_s']:.1f} s",
+        *([f"the baseline's fit on the same vectors, numpy's and SciPy's BLAS sequential (the default) "
+           f"{blas['sequential']:.2f} s against threaded {blas['threaded']:.2f} s "
+           f"({blas['threaded'] / blas['sequential']:.1f}x)"] if (blas := s2.get("baseline_fit_s")) else []),
         "peak RSS (main process, 0 workers): " + "; ".join(f"{m['images']} images: stage one {m['stage1']:.0f} MB, stage two {m['stage2']:.0f} MB"
                                  for m in r["memory_mb"].values()),
         "stage one across processes (torchrun, each process 1 thread for >1 process): "

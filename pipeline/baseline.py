@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.utils.validation import check_X_y
+from threadpoolctl import ThreadpoolController
 
 from pipeline.files import atomic_write_text
 from pipeline.head import (PRE_ACCURACY_PARAMS, SMALL_FIT, ValidatedClassifier, balanced_class_weights, normalise,
@@ -65,6 +67,21 @@ TOL = 1e-4  # scikit-learn's default
 WARM_REDUCTION = 1e-2
 WARM_FLOOR = 1e-5
 BLOCK_ROWS = 8192  # rows per block of the loss and gradient: bounds the N x C temporaries
+
+
+def sequential_numpy_blas() -> AbstractContextManager:
+    """A context in which the BLAS libraries of numpy and SciPy run on one thread (torch's own are left alone).
+
+    A fit alternates torch's loss and gradient with L-BFGS-B's steps and small numpy products; an idle OpenBLAS
+    thread keeps spinning for a while after each of those, on the cores torch's threads need next (``make bench``,
+    stage two: the baseline's data term). The BLAS work outside torch is a few vectors of the parameters' size per
+    step, too little to gain from threads.
+    """
+    controller = ThreadpoolController()
+    torch_dir = Path(torch.__file__).parent
+    outside_torch = [lib.filepath for lib in controller.select(user_api="blas").lib_controllers
+                     if not Path(lib.filepath).is_relative_to(torch_dir)]
+    return controller.select(filepath=outside_torch).limit(limits=1)
 
 
 def _blocks(parts: Sequence, block: int, normalisation: str) -> Iterator[tuple[int, np.ndarray | torch.Tensor]]:
@@ -280,50 +297,52 @@ class LogisticBaseline(ValidatedClassifier):
         """Choose C (cross-validation or the validation split, see the module), keeping the best mean validation
         accuracy (ties: lower log loss, then smaller C), then fit at it on train+validation or train (``final_fit``,
         see ``refits``). float32 input is used as is (no copy) but for the folds of a cross-validation; unless
-        ``normalised``, it is normalised block by block in every evaluation."""
-        X, y = check_X_y(X, y, dtype=np.float32)
-        X_val, y_val = check_X_y(X_val, y_val, dtype=np.float32)
-        labels = np.arange(n_classes or max(y.max(), y_val.max()) + 1)
-        if len(np.unique(y)) < 2:
-            raise ValueError(f"the baseline needs train vectors of at least 2 classes; got only class {y[0]}")
-        device = training_device(self.device)
-        self.n_iter_: dict[float, int] = {}
-        counts = np.bincount(y, minlength=len(labels)) + np.bincount(y_val, minlength=len(labels))
-        folds = min(self.cv_folds, counts[counts > 0].min())
-        refit = refits(self.final_fit, len(X))
-        self.Cs_ = tuple(self.Cs) if self.Cs is not None else C_GRID if len(X) <= SMALL_FIT else C_GRID[::2]
-        vectors_are = "none" if normalised else self.normalisation
-        warm = None  # the model fitted on X alone at C_, when C is chosen on the validation split
-        if folds >= 2 and counts.sum() <= CV_MAX_VECTORS:
-            # small: train and validation are joined and normalised once, and every fit reads that copy as is
-            self.selection_ = f"{folds}-fold cross-validation"
-            joined = mapped_matrix(len(X) + len(X_val), X.shape[1])
-            joined[:len(X)], joined[len(X):] = X, X_val
-            normalise_in_place(joined, vectors_are)
-            parts, vectors_are = [joined] if refit else [joined[:len(X)]], "none"
-            totals = self._cross_validate(joined, np.concatenate([y, y_val]), folds, device)
-            self.C_ = max(sorted(totals), key=lambda C: (*_rank(totals[C]), -C))
-        else:  # large: the vectors are used as given
-            self.selection_ = "validation split"
-            parts = [X, X_val] if refit else [X]
-            totals, warm = self._validate(X, y, X_val, y_val, device, vectors_are)
-        self.val_scores_ = {C: {"val_accuracy": a, "val_log_loss": l} for C, (a, l) in totals.items()}
-        fit_y = np.concatenate([y, y_val]) if refit else y
-        self.n_fitted_ = len(fit_y)
-        if not refit and warm is not None:
-            fitted = warm
-        else:
-            fitted_classes, codes = np.unique(fit_y, return_inverse=True)
-            objective = self._objective(parts, codes, len(fitted_classes), device, vectors_are)
-            if warm is not None and np.array_equal(warm.classes, fitted_classes):
-                w = self._refit(objective, warm)
+        ``normalised``, it is normalised block by block in every evaluation. numpy's BLAS is sequential meanwhile
+        (``sequential_numpy_blas``)."""
+        with sequential_numpy_blas():
+            X, y = check_X_y(X, y, dtype=np.float32)
+            X_val, y_val = check_X_y(X_val, y_val, dtype=np.float32)
+            labels = np.arange(n_classes or max(y.max(), y_val.max()) + 1)
+            if len(np.unique(y)) < 2:
+                raise ValueError(f"the baseline needs train vectors of at least 2 classes; got only class {y[0]}")
+            device = training_device(self.device)
+            self.n_iter_: dict[float, int] = {}
+            counts = np.bincount(y, minlength=len(labels)) + np.bincount(y_val, minlength=len(labels))
+            folds = min(self.cv_folds, counts[counts > 0].min())
+            refit = refits(self.final_fit, len(X))
+            self.Cs_ = tuple(self.Cs) if self.Cs is not None else C_GRID if len(X) <= SMALL_FIT else C_GRID[::2]
+            vectors_are = "none" if normalised else self.normalisation
+            warm = None  # the model fitted on X alone at C_, when C is chosen on the validation split
+            if folds >= 2 and counts.sum() <= CV_MAX_VECTORS:
+                # small: train and validation are joined and normalised once, and every fit reads that copy as is
+                self.selection_ = f"{folds}-fold cross-validation"
+                joined = mapped_matrix(len(X) + len(X_val), X.shape[1])
+                joined[:len(X)], joined[len(X):] = X, X_val
+                normalise_in_place(joined, vectors_are)
+                parts, vectors_are = [joined] if refit else [joined[:len(X)]], "none"
+                totals = self._cross_validate(joined, np.concatenate([y, y_val]), folds, device)
+                self.C_ = max(sorted(totals), key=lambda C: (*_rank(totals[C]), -C))
+            else:  # large: the vectors are used as given
+                self.selection_ = "validation split"
+                parts = [X, X_val] if refit else [X]
+                totals, warm = self._validate(X, y, X_val, y_val, device, vectors_are)
+            self.val_scores_ = {C: {"val_accuracy": a, "val_log_loss": l} for C, (a, l) in totals.items()}
+            fit_y = np.concatenate([y, y_val]) if refit else y
+            self.n_fitted_ = len(fit_y)
+            if not refit and warm is not None:
+                fitted = warm
             else:
-                *_, (_, w) = self._path(objective, [C for C in self.Cs_ if C <= self.C_])
-            fitted = _Fitted(objective.mean, objective.scale, fitted_classes, *objective.split(w))
-        self.pipeline_ = as_pipeline(fitted.mean, fitted.scale, fitted.W.T, fitted.b, fitted.classes, self.C_,
-                                     self.normalisation)
-        self.classes_ = labels
-        return self
+                fitted_classes, codes = np.unique(fit_y, return_inverse=True)
+                objective = self._objective(parts, codes, len(fitted_classes), device, vectors_are)
+                if warm is not None and np.array_equal(warm.classes, fitted_classes):
+                    w = self._refit(objective, warm)
+                else:
+                    *_, (_, w) = self._path(objective, [C for C in self.Cs_ if C <= self.C_])
+                fitted = _Fitted(objective.mean, objective.scale, fitted_classes, *objective.split(w))
+            self.pipeline_ = as_pipeline(fitted.mean, fitted.scale, fitted.W.T, fitted.b, fitted.classes, self.C_,
+                                         self.normalisation)
+            self.classes_ = labels
+            return self
 
     def _validate(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, device: torch.device,
                   normalisation: str) -> tuple[dict[float, tuple], _Fitted]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 from importlib import import_module
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ from sklearn.datasets import make_blobs
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_info
 
-from pipeline.baseline import LogisticBaseline, standardiser
+from pipeline.baseline import LogisticBaseline, _Objective, standardiser
 from pipeline.head import HeadClassifier, MLPHead, auto_batch_size
 
 train_module = import_module("pipeline.train")  # the module: pipeline.train is the API's function
@@ -196,6 +198,31 @@ def test_the_objective_reuses_its_data_term_at_a_new_c_with_the_numbers_of_a_fre
     assert fresh(w)[0] == value and np.array_equal(fresh(w)[1], gradient)
     reused(w + 1e-3)
     assert reused.evaluations == 2  # another w is evaluated anew
+
+
+def test_numpy_blas_is_sequential_during_the_baseline_fit_and_torchs_threads_are_left_alone(blobs, monkeypatch):
+    """An idle OpenBLAS thread spins on the cores that torch's next operation needs (``make bench``, stage two)."""
+    X, y, X_val, y_val, *_ = blobs
+
+    def numpy_blas_threads() -> dict[str, int]:
+        return {lib["filepath"]: lib["num_threads"] for lib in threadpool_info()
+                if lib["user_api"] == "blas" and "torch" not in Path(lib["filepath"]).parts}
+
+    before, torch_threads = numpy_blas_threads(), torch.get_num_threads()
+    if not before:
+        pytest.skip("numpy and SciPy load no BLAS that threadpoolctl controls")
+    seen = []
+    data_term = _Objective._data_term
+
+    def recording(objective, w):
+        seen.append((numpy_blas_threads(), torch.get_num_threads()))
+        return data_term(objective, w)
+
+    monkeypatch.setattr(_Objective, "_data_term", recording)
+    LogisticBaseline(**PLAIN).fit(X, y, X_val, y_val)
+    assert seen and all(threads == dict.fromkeys(before, 1) and torch_during == torch_threads
+                        for threads, torch_during in seen)
+    assert numpy_blas_threads() == before  # restored after the fit
 
 
 def test_standardiser_is_standard_scalers(blobs):
