@@ -47,18 +47,25 @@ def auto_batch_size(n_train: int) -> int:
     return batch
 
 
+SQRT_FLOOR = float(np.finfo(np.float32).tiny)  # the smallest normal float32
+
+
 def normalise(X: np.ndarray | torch.Tensor, kind: str) -> np.ndarray | torch.Tensor:
     """The element-wise normalisation ``kind`` of a numpy array or torch tensor: "power" is a new array of the signed
     square roots sign(x) * sqrt(|x|) (it damps the few large activations of pooled CNN vectors); "none" is X itself.
-    Element-wise, so it may be applied block by block."""
+    Element-wise, so it may be applied block by block.
+
+    The root is taken of max(|x|, ``SQRT_FLOOR``) and multiplied by sign(x): torch's CPU square root takes a slow path
+    on zeros and denormals, and a pooled vector after a ReLU is often half zeros (``make bench``, stage two). So 0 stays
+    0, and a denormal x (|x| < 1.2e-38) becomes sign(x) * 1.1e-19 instead of its own root."""
     if kind == "none":
         return X
     if isinstance(X, torch.Tensor):
-        return X.abs().sqrt_().copysign_(X)
+        return X.abs().clamp_min_(SQRT_FLOOR).sqrt_().mul_(X.sign())
     return normalise(torch.from_numpy(np.ascontiguousarray(X)), kind).numpy()  # torch's numbers for arrays too: one rounding
 
 
-def normalise_in_place(X: np.ndarray, kind: str, block: int = 8192) -> np.ndarray:
+def normalise_in_place(X: np.ndarray, kind: str, block: int = 1024) -> np.ndarray:
     """X normalised by ``kind`` in place, ``block`` rows at a time by torch (on every core; no temporary larger than
     a block, the same numbers as ``normalise`` of a tensor); returns X."""
     if kind != "none":

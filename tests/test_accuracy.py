@@ -18,7 +18,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from pipeline import baseline as baseline_module
 from pipeline.baseline import C_GRID, LogisticBaseline
 from pipeline import head as head_module
-from pipeline.head import HeadClassifier, balanced_class_weights, normalise, normalise_in_place, refits
+from pipeline.head import SQRT_FLOOR, HeadClassifier, balanced_class_weights, normalise, normalise_in_place, refits
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,22 @@ def pooled():
 
 
 def test_power_normalisation_is_the_signed_square_root_for_arrays_and_tensors():
-    X = np.array([[4.0, -9.0, 0.0, 0.25]], dtype=np.float32)
-    np.testing.assert_array_equal(normalise(X, "power"), [[2.0, -3.0, 0.0, 0.5]])
-    np.testing.assert_array_equal(normalise(torch.from_numpy(X), "power").numpy(), [[2.0, -3.0, 0.0, 0.5]])
+    X = np.array([[4.0, -9.0, 0.0, 0.25, -0.0, np.inf, -np.inf, np.nan]], dtype=np.float32)
+    expected = [[2.0, -3.0, 0.0, 0.5, 0.0, np.inf, -np.inf, np.nan]]
+    np.testing.assert_array_equal(normalise(X, "power"), expected)
+    np.testing.assert_array_equal(normalise(torch.from_numpy(X), "power").numpy(), expected)
     assert normalise(X, "none") is X
+
+
+def test_power_normalisation_is_torchs_signed_root_of_every_normal_float_and_floors_denormals():
+    """The floor under the root (SQRT_FLOOR) changes no normal float: the numbers are torch's own sign * sqrt."""
+    rng = np.random.default_rng(0)
+    X = (rng.choice([-1, 1], 10**6) * 2.0 ** rng.uniform(-126, 127, 10**6)).astype(np.float32)
+    X[::7] = 0.0  # zeros among them, as in pooled vectors after a ReLU
+    T = torch.from_numpy(X)
+    assert torch.equal(normalise(T, "power"), T.abs().sqrt().copysign(T))
+    denormals = np.array([1e-40, -1e-45], dtype=np.float32)
+    np.testing.assert_array_equal(normalise(denormals, "power"), np.sqrt(SQRT_FLOOR, dtype=np.float32) * np.array([1, -1]))
 
 
 def test_balanced_class_weights_are_scikit_learns_and_zero_for_an_absent_class():
