@@ -104,8 +104,9 @@ def evaluate(proba: np.ndarray, y: np.ndarray, classes: list[str], seed: int) ->
     precision, recall, f1, support = precision_recall_fscore_support(y, predicted, labels=labels, zero_division=0)
     macro = precision_recall_fscore_support(y, predicted, labels=np.unique(y), average="macro", zero_division=0)
     matrix = confusion_matrix(y, predicted, labels=labels)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # both are expected: a class may be absent from a small test split
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        warnings.filterwarnings("ignore", message="A single label was found in 'y_true' and 'y_pred'")
         balanced = balanced_accuracy_score(y, predicted)
     result = {
         "test_accuracy": float(accuracy_score(y, predicted)),
