@@ -78,9 +78,9 @@ def sequential_numpy_blas() -> AbstractContextManager:
     step, too little to gain from threads.
     """
     controller = ThreadpoolController()
-    torch_dir = Path(torch.__file__).parent
+    torch_dir = Path(torch.__file__).resolve().parent
     outside_torch = [lib.filepath for lib in controller.select(user_api="blas").lib_controllers
-                     if not Path(lib.filepath).is_relative_to(torch_dir)]
+                     if not Path(lib.filepath).resolve().is_relative_to(torch_dir)]
     return controller.select(filepath=outside_torch).limit(limits=1)
 
 
