@@ -33,6 +33,8 @@ JSON file (coefficients, not a pickle: readable anywhere, safe to load, exact fl
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -69,19 +71,27 @@ WARM_FLOOR = 1e-5
 BLOCK_ROWS = 8192  # rows per block of the loss and gradient: bounds the N x C temporaries
 
 
+@functools.cache
+def _bundled_files() -> frozenset[Path]:
+    """The files of numpy's and SciPy's own distributions whose names mention BLAS, resolved (a pip wheel of either
+    bundles its own OpenBLAS)."""
+    return frozenset(Path(file.locate()).resolve() for dist in ("numpy", "scipy")
+                     for file in importlib.metadata.files(dist) or () if "blas" in file.name)
+
+
 def sequential_numpy_blas() -> AbstractContextManager:
-    """A context in which the BLAS libraries of numpy and SciPy run on one thread (torch's own are left alone).
+    """A context in which the BLAS libraries that numpy and SciPy bundle run on one thread.
 
     A fit alternates torch's loss and gradient with L-BFGS-B's steps and small numpy products; an idle OpenBLAS
     thread keeps spinning for a while after each of those, on the cores torch's threads need next (``make bench``,
-    stage two: the baseline's data term). The BLAS work outside torch is a few vectors of the parameters' size per
-    step, too little to gain from threads.
+    stage two: the baseline's fit). The BLAS work outside torch is a few vectors of the parameters' size per step, too
+    little to gain from threads. A BLAS that numpy shares with torch (a conda or system library) is left alone: torch's
+    matmuls run on it. The limit is process-wide: two fits in threads of one process would end with one thread.
     """
     controller = ThreadpoolController()
-    torch_dir = Path(torch.__file__).resolve().parent
-    outside_torch = [lib.filepath for lib in controller.select(user_api="blas").lib_controllers
-                     if not Path(lib.filepath).resolve().is_relative_to(torch_dir)]
-    return controller.select(filepath=outside_torch).limit(limits=1)
+    bundled = [lib.filepath for lib in controller.select(user_api="blas").lib_controllers
+               if Path(lib.filepath).resolve() in _bundled_files()]
+    return controller.select(filepath=bundled).limit(limits=1)
 
 
 def _blocks(parts: Sequence, block: int, normalisation: str) -> Iterator[tuple[int, np.ndarray | torch.Tensor]]:
