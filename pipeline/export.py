@@ -37,7 +37,7 @@ from pipeline.backbones import Backbone, get_backbone, load_backbone, weights_id
 from pipeline.config import NORMALISATIONS, Settings
 from pipeline.errors import UserError
 from pipeline.files import atomic_write, check_writable, disk_full_as_user_error, file_sha256
-from pipeline.head import MLPHead
+from pipeline.head import MLPHead, normalise
 from pipeline.runs import chosen_run
 from pipeline.train import HEAD_FILE, load_trained
 
@@ -49,16 +49,10 @@ EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # torch.onnx's exporter
 CHECK_ATOL = 1e-4  # largest difference in probability allowed between an export and the PyTorch module it came from
 
 
-def normalise(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """``pipeline.head.normalise`` written with ``sign`` rather than an in-place ``copysign`` (which ONNX lacks), so
-    it traces and exports; each export is checked against the head's own predictions before it is written."""
-    return x if kind == "none" else x.sign() * x.abs().sqrt()
-
-
 class DeployedHead(MLPHead):
-    """The trained head as one layer: its input normalisation (``normalise``; a head trained without one has "none"),
-    then Linear-ReLU-Dropout-Linear-LogSoftmax. Its state dict keys are ``MLPHead``'s (``0.weight`` ...), so with
-    normalisation "none" it is ``MLPHead`` itself."""
+    """The trained head as one layer: its input normalisation (``pipeline.head.normalise``, whose ops trace and export;
+    a head trained without one has "none"), then Linear-ReLU-Dropout-Linear-LogSoftmax. Its state dict keys are
+    ``MLPHead``'s (``0.weight`` ...), so with normalisation "none" it is ``MLPHead`` itself."""
 
     def __init__(self, in_features: int, n_classes: int, hidden: int, dropout: float, normalisation: str = "none"):
         super().__init__(in_features, n_classes, hidden, dropout)

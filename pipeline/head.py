@@ -57,7 +57,8 @@ def normalise(X: np.ndarray | torch.Tensor, kind: str) -> np.ndarray | torch.Ten
 
     The root is taken of max(|x|, ``SQRT_FLOOR``) and multiplied by sign(x): torch's CPU square root takes a slow path
     on zeros and denormals, and a pooled vector after a ReLU is often half zeros (``make bench``, stage two). So 0 stays
-    0, and a denormal x (|x| < 1.2e-38) becomes sign(x) * 1.1e-19 instead of its own root."""
+    0 (-0 becomes +0), and an x with |x| below 1.2e-38 (a float32 denormal; in float64 input too) becomes
+    sign(x) * 1.1e-19 instead of its own root."""
     if kind == "none":
         return X
     if isinstance(X, torch.Tensor):
