@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli, run_cli_process
+from pipeline.report import evaluate
 
 LITE = ("--backbone", "efficientnet_lite0")
 
@@ -155,3 +157,13 @@ def test_compare_runs_each_backbone_and_reports_unavailable_ones(tmp_path, tiny_
     assert "features: up to date" in again.stdout
     cached = json.loads((tmp_path / "cache/compare.json").read_text())[0]
     assert cached["extraction_img_s"] == rows["efficientnet_lite0"]["extraction_img_s"]  # the rate of the run that made it
+
+
+def test_evaluating_a_test_split_of_one_class_warns_of_nothing():
+    """A small test split may hold one class, or predictions of classes it lacks: expected, not worth a warning."""
+    proba = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.8, 0.1, 0.1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = evaluate(proba[[0, 2]], np.array([0, 0]), ["a", "b", "c"], seed=0)
+        assert scores["balanced_accuracy"] == 1.0
+        assert evaluate(proba, np.array([0, 0, 0]), ["a", "b", "c"], seed=0)["balanced_accuracy"] == pytest.approx(2 / 3)

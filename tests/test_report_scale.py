@@ -23,8 +23,7 @@ from sklearn.metrics import balanced_accuracy_score
 from pipeline import plots
 from pipeline.config import Settings
 from pipeline.listing import NO_VIEW
-from pipeline.report import (BOOTSTRAP_RESAMPLES, MOST_CONFUSED, bootstrap_balanced_accuracy, evaluate, report,
-                             wilson_interval)
+from pipeline.report import BOOTSTRAP_RESAMPLES, MOST_CONFUSED, bootstrap_balanced_accuracy, report, wilson_interval
 from pipeline.store import ImageKey, SplitIndex, StoreWriter, features_file
 from pipeline.train import train
 from test_report_and_predict import headless_chromium
@@ -216,12 +215,3 @@ def test_the_103_class_page_is_sortable_and_loads_in_headless_chromium(reports, 
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.shape == (4000, 1200) and pixels.std() > 20
 
-
-def test_evaluating_a_test_split_of_one_class_warns_of_nothing():
-    """A small test split may hold one class, or predictions of classes it lacks: expected, not worth a warning."""
-    proba = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.8, 0.1, 0.1]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        scores = evaluate(proba[[0, 2]], np.array([0, 0]), ["a", "b", "c"], seed=0)
-        assert scores["balanced_accuracy"] == 1.0
-        assert evaluate(proba, np.array([0, 0, 0]), ["a", "b", "c"], seed=0)["balanced_accuracy"] == pytest.approx(2 / 3)
