@@ -1,8 +1,9 @@
 """The baseline: L2-regularised multinomial logistic regression on standardised (by default power-normalised) vectors.
 
 C is chosen from ``C_GRID`` (10^-2 to 10^3, two per decade; one per decade above ``SMALL_FIT`` train vectors, where
-the validation score is flat between neighbours, and there the path stops once ``PATH_PATIENCE`` Cs in a row score
-below the best so far: the large Cs, the costliest fits, are skipped past the optimum) on the validation split, or, with ``cv_folds`` k >= 2, by
+the validation score is flat between neighbours) on the validation split, the path stopping once ``PATH_PATIENCE``
+Cs in a row score below the best so far (it takes the validation score to have one peak along C; the Cs past it, so
+skipped, are the costliest fits when classes overlap), or, with ``cv_folds`` k >= 2, by
 stratified k-fold cross-validation over train and validation together when they hold at most ``CV_MAX_VECTORS``
 vectors (with 30 images per class a 10% validation split is 3 images per class); then the model is refitted at
 that C on train and validation together (``final_fit``, see ``head.refits``), as scikit-learn's
@@ -58,7 +59,7 @@ from pipeline.head import (PRE_ACCURACY_PARAMS, SMALL_FIT, ValidatedClassifier, 
 from pipeline.memory import mapped_matrix
 
 C_GRID = tuple(float(10.0 ** (e / 2)) for e in range(-4, 7))  # 10^-2 .. 10^3, two per decade
-PATH_PATIENCE = 2  # above SMALL_FIT train vectors, the validation path stops after this many Cs worse than the best
+PATH_PATIENCE = 2  # the validation path stops after this many Cs in a row worse than the best
 CV_MAX_VECTORS = 20_000  # up to this many train + validation vectors C is chosen by cross-validation
 MAX_ITER = 2000
 PREDICT_ROWS = 1024  # vectors per block of predict_proba
@@ -362,14 +363,13 @@ class LogisticBaseline(ValidatedClassifier):
         fitted_classes, codes = np.unique(y, return_inverse=True)
         objective = self._objective([X], codes, len(fitted_classes), device, normalisation)
         X_val_t = torch.from_numpy(X_val).to(device)
-        patience = PATH_PATIENCE if len(X) > SMALL_FIT else len(self.Cs_)
         for C, w in self._path(objective, self.Cs_):
             totals[C] = self._scores(objective, X_val_t, y_val, fitted_classes, w)
             if best is None or _rank(totals[C]) > best:
                 best, self.C_, chosen, worse = _rank(totals[C]), C, w, 0
             else:
                 worse += 1
-                if worse >= patience:
+                if worse >= PATH_PATIENCE:
                     break
         return totals, _Fitted(objective.mean, objective.scale, fitted_classes, *objective.split(chosen))
 

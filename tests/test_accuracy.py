@@ -146,17 +146,21 @@ def test_auto_final_fit_refits_and_the_c_grid_is_fine_only_for_small_train_split
     assert LogisticBaseline().fit(X, y, Xv, yv).Cs_ == (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
-def test_above_small_fit_the_c_path_stops_once_it_is_past_the_best_on_validation(pooled, monkeypatch):
+@pytest.mark.parametrize("small", [True, False])
+def test_the_c_path_stops_once_it_is_past_the_best_on_validation(pooled, monkeypatch, small):
     X, y, Xv, yv, _, _ = pooled
     noisy = np.random.default_rng(0).permutation(y)  # labels unrelated to X: strong regularisation is best
-    full = LogisticBaseline(Cs=C_GRID, final_fit="train").fit(X, noisy, Xv, yv)
-    assert list(full.val_scores_) == list(C_GRID)  # small: every C of the grid
-    monkeypatch.setattr(baseline_module, "SMALL_FIT", len(X) - 1)
-    stopped = LogisticBaseline(Cs=C_GRID, final_fit="train").fit(X, noisy, Xv, yv)
+    if not small:
+        monkeypatch.setattr(baseline_module, "SMALL_FIT", len(X) - 1)
+    stopped, patience = LogisticBaseline(final_fit="train").fit(X, noisy, Xv, yv), baseline_module.PATH_PATIENCE
+    monkeypatch.setattr(baseline_module, "PATH_PATIENCE", len(C_GRID))
+    full = LogisticBaseline(final_fit="train").fit(X, noisy, Xv, yv)
+    assert stopped.Cs_ == full.Cs_ == (C_GRID if small else C_GRID[::2]) and list(full.val_scores_) == list(full.Cs_)
     searched = list(stopped.val_scores_)
-    assert searched == list(C_GRID[:len(searched)]) and len(searched) < len(C_GRID)
+    assert searched == list(full.Cs_[:len(searched)]) and len(searched) < len(full.Cs_)
     best = max(searched, key=lambda C: (stopped.val_scores_[C]["val_accuracy"], -stopped.val_scores_[C]["val_log_loss"]))
-    assert stopped.C_ == best == full.C_ and searched.index(best) == len(searched) - 1 - baseline_module.PATH_PATIENCE
+    assert stopped.C_ == best == full.C_ and searched.index(best) == len(searched) - 1 - patience
+    assert sum(stopped.n_iter_.values()) < sum(full.n_iter_.values())
     np.testing.assert_allclose(stopped.predict_proba(Xv), full.predict_proba(Xv))
 
 
