@@ -20,8 +20,7 @@ normalisation (a ``FunctionTransformer``), fitted by a path over the C grid inst
   of the work of a weakly regularised fit is already done by the more regularised one before it), or from
   one more step along the line through the last two solutions when that has the lower objective. A warm
   start must also cut the gradient that the change of C adds 100-fold (WARM_REDUCTION, WARM_FLOOR): with
-  TOL alone, at 10^5 vectors the larger Cs would keep the previous solution unchanged. On flowers-17 and
-  cats-dogs this picks the C, and gives the validation scores, of solutions converged to 1e-7;
+  TOL alone, at 10^5 vectors the larger Cs would keep the previous solution unchanged;
 - loss and gradient are computed by torch in float32, in row blocks, on the vectors as given: the normalisation is
   applied block by block and the standardisation is folded into the weights (X/s @ W = X @ (W/s)), so there is no
   float64 copy, no normalised or scaled copy of X, no copy of train and validation joined, and no N x C matrix
