@@ -15,6 +15,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 from sklearn.utils.validation import check_array, check_X_y
 from torch import nn
+from torch.optim.adam import adam
 
 from pipeline.config import DEFAULTS
 from pipeline.files import atomic_write
@@ -109,6 +110,25 @@ class Dropout(nn.Dropout):
         draws = torch.empty((x.numel() + 1) // 2, dtype=torch.int32, device=x.device).random_()  # 0 .. 2^31 - 1
         bits = torch.cat((draws & (levels - 1), draws >> (31 - DROPOUT_BITS)))[:x.numel()].view(x.shape)
         return x * (bits >= dropped).to(x.dtype).mul_(levels / (levels - dropped))
+
+
+class Adam:
+    """torch's Adam through its functional API ``torch.optim.adam.adam``: the same steps as ``torch.optim.Adam(params,
+    lr, fused=fused)`` (betas 0.9 and 0.999, eps 1e-8, no weight decay), where torch.optim's optimiser classes import
+    torch._dynamo on their first use, most of a small head's fit (``make bench``, stage two). Every parameter must
+    have its gradient at each ``step``; ``zero_grad`` is the model's own."""
+
+    def __init__(self, params, lr: float, fused: bool):
+        self.params, self.lr, self.fused = list(params), lr, fused
+        self.exp_avgs = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
+        # the step count as torch.optim.Adam keeps it: on the parameter's device when fused, else on the CPU
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu") for p in self.params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        adam(self.params, [p.grad for p in self.params], self.exp_avgs, self.exp_avg_sqs, [], self.steps, fused=self.fused,
+             amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=0.0, eps=1e-8, maximize=False)
 
 
 class MLPHead(nn.Sequential):
@@ -245,7 +265,7 @@ class HeadClassifier(ValidatedClassifier):
         torch.manual_seed(self.seed)
         order = torch.Generator().manual_seed(self.seed)
         model = MLPHead(parts[0].shape[1], self.n_classes_, self.hidden, self.dropout).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, fused=device.type in FUSED_ADAM_DEVICES)
+        optimizer = Adam(model.parameters(), lr=self.lr, fused=device.type in FUSED_ADAM_DEVICES)
         loss_fn = self._loss(torch.cat(labels), device)
         n = sum(len(p) for p in parts)
 
@@ -254,7 +274,7 @@ class HeadClassifier(ValidatedClassifier):
             total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
             for batch in torch.randperm(n, generator=order).to(device).split(self.batch_size_):
                 rows, targets = _rows(parts, labels, batch)
-                optimizer.zero_grad()
+                model.zero_grad()
                 loss = loss_fn(model(normalise(rows, normalisation)), targets)
                 loss.backward()
                 optimizer.step()
