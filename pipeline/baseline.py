@@ -2,7 +2,7 @@
 
 C is chosen from ``C_GRID`` (10^-2 to 10^3, two per decade; one per decade above ``SMALL_FIT`` train vectors, where
 the validation score is flat between neighbours) on the validation split, the path stopping once ``PATH_PATIENCE``
-Cs in a row score below the best so far (it takes the validation score to have one peak along C; the Cs past it, so
+Cs in a row score no better than the best so far (it takes the validation score to have one peak along C; the Cs past it, so
 skipped, are the costliest fits when classes overlap), or, with ``cv_folds`` k >= 2, by
 stratified k-fold cross-validation over train and validation together when they hold at most ``CV_MAX_VECTORS``
 vectors (with 30 images per class a 10% validation split is 3 images per class); then the model is refitted at
@@ -58,7 +58,7 @@ from pipeline.head import (PRE_ACCURACY_PARAMS, SMALL_FIT, ValidatedClassifier, 
 from pipeline.memory import mapped_matrix
 
 C_GRID = tuple(float(10.0 ** (e / 2)) for e in range(-4, 7))  # 10^-2 .. 10^3, two per decade
-PATH_PATIENCE = 2  # the validation path stops after this many Cs in a row worse than the best
+PATH_PATIENCE = 2  # the validation path stops after this many Cs in a row no better than the best
 CV_MAX_VECTORS = 20_000  # up to this many train + validation vectors C is chosen by cross-validation
 MAX_ITER = 2000
 PREDICT_ROWS = 1024  # vectors per block of predict_proba

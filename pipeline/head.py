@@ -6,6 +6,7 @@ import copy
 import io
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # what a checkpoint saved before these settings existed was trained with
 PRE_ACCURACY_PARAMS = {"normalisation": "none", "class_weight": "none", "final_fit": "train"}
-FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch's Adam has a fused kernel (one pass per step, not one per op)
+FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where the head steps by torch's fused Adam kernel (one pass per step, not one per op)
 SMALL_TRAIN = 8192  # up to this many training vectors, batch_size 0 means 64 (the seed notebook's batch)
 # up to this many train vectors a fit is small: final_fit "auto" refits on train + validation, and the baseline's
 # default C grid has two values per decade (one above)
@@ -115,14 +116,15 @@ class Dropout(nn.Dropout):
 class Adam:
     """torch's Adam through its functional API ``torch.optim.adam.adam``: the same steps as ``torch.optim.Adam(params,
     lr, fused=fused)`` (betas 0.9 and 0.999, eps 1e-8, no weight decay), where torch.optim's optimiser classes import
-    torch._dynamo on their first use, most of a small head's fit (``make bench``, stage two). Every parameter must
-    have its gradient at each ``step``; ``zero_grad`` is the model's own."""
+    torch._dynamo on their first use, most of a small head's fit (``make bench``, stage two). Built once the parameters
+    are on their device; every parameter must have its gradient at each ``step``; ``zero_grad`` is the model's own."""
 
-    def __init__(self, params, lr: float, fused: bool):
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, fused: bool):
         self.params, self.lr, self.fused = list(params), lr, fused
         self.exp_avgs = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
-        # the step count as torch.optim.Adam keeps it: on the parameter's device when fused, else on the CPU
+        # the step count as torch.optim.Adam keeps it (under the float32 default dtype): float32, on the parameter's
+        # device when fused, else on the CPU
         self.steps = [torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu") for p in self.params]
 
     @torch.no_grad()

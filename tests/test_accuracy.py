@@ -160,8 +160,15 @@ def test_the_c_path_stops_once_it_is_past_the_best_on_validation(pooled, monkeyp
     assert searched == list(full.Cs_[:len(searched)]) and len(searched) < len(full.Cs_)
     best = max(searched, key=lambda C: (stopped.val_scores_[C]["val_accuracy"], -stopped.val_scores_[C]["val_log_loss"]))
     assert stopped.C_ == best == full.C_ and searched.index(best) == len(searched) - 1 - patience
-    assert sum(stopped.n_iter_.values()) < sum(full.n_iter_.values())
     np.testing.assert_allclose(stopped.predict_proba(Xv), full.predict_proba(Xv))
+
+
+def test_the_c_path_stops_after_cs_in_a_row_no_better_than_the_best(pooled, monkeypatch):
+    X, y, Xv, yv, _, _ = pooled
+    accuracies = iter([0.5, 0.4, 0.6, 0.6, 0.55, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9])  # a tie is no better
+    monkeypatch.setattr(LogisticBaseline, "_scores", staticmethod(lambda *_: (next(accuracies), 1.0)))
+    model = LogisticBaseline(final_fit="train").fit(X, y, Xv, yv)
+    assert list(model.val_scores_) == list(C_GRID[:5]) and model.C_ == C_GRID[2]
 
 
 @pytest.mark.parametrize("final_fit", ["train", "train+val"])

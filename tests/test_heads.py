@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from pipeline.baseline import LogisticBaseline, _Objective, standardiser
-from pipeline.head import Adam, HeadClassifier, MLPHead, auto_batch_size
+from pipeline.head import FUSED_ADAM_DEVICES, Adam, HeadClassifier, MLPHead, auto_batch_size
 
 train_module = import_module("pipeline.train")  # the module: pipeline.train is the API's function
 baseline_module = import_module("pipeline.baseline")
@@ -66,14 +66,18 @@ def test_the_heads_dropout_is_nn_dropout_drawn_faster():
     assert odd.shape == (3, 5) and torch.all((odd == 0) | torch.isclose(odd, torch.tensor(1 / 0.75)))
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_the_heads_adam_takes_torch_optim_adams_steps(fused):
+@pytest.mark.parametrize("device, fused", [
+    ("cpu", True), ("cpu", False),  # both ways on the CPU; elsewhere the head's way
+    pytest.param("cuda", "cuda" in FUSED_ADAM_DEVICES, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
+    pytest.param("mps", "mps" in FUSED_ADAM_DEVICES, marks=pytest.mark.skipif(not torch.backends.mps.is_available(), reason="no MPS")),
+])
+def test_the_heads_adam_takes_torch_optim_adams_steps(device, fused):
     torch.manual_seed(0)
-    ours, reference = MLPHead(16, 3), MLPHead(16, 3)
+    ours, reference = MLPHead(16, 3).to(device), MLPHead(16, 3).to(device)
     reference.load_state_dict(ours.state_dict())
     initial = ours[0].weight.detach().clone()
     optimisers = Adam(ours.parameters(), lr=0.01, fused=fused), torch.optim.Adam(reference.parameters(), lr=0.01, fused=fused)
-    x, y = torch.randn(64, 16), torch.randint(0, 3, (64,))
+    x, y = torch.randn(64, 16, device=device), torch.randint(0, 3, (64,), device=device)
     for _ in range(5):
         for model, optimiser in zip((ours, reference), optimisers):
             model.zero_grad()
@@ -81,14 +85,18 @@ def test_the_heads_adam_takes_torch_optim_adams_steps(fused):
             optimiser.step()
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), reference.state_dict().values()))
     assert not torch.equal(ours[0].weight, initial)  # the steps moved it
+    steps = [optimisers[1].state[p]["step"] for p in reference.parameters()]
+    assert [(s.dtype, s.device, s.item()) for s in optimisers[0].steps] == [(s.dtype, s.device, s.item()) for s in steps]
 
 
+@pytest.mark.slow  # fresh process
 def test_fitting_a_head_does_not_import_torch_dynamo():
     """torch.optim's optimiser classes import torch._dynamo on their first use, most of a small head's fit."""
     fit = ("import sys, numpy as np; from pipeline.head import HeadClassifier; "
            "X = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32); "
            "HeadClassifier(epochs=2).fit(X, np.arange(200) % 2); print('torch._dynamo' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", fit], capture_output=True, text=True, check=True).stdout.split() == ["False"]
+    result = subprocess.run([sys.executable, "-c", fit], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.split() == ["False"], result.stderr
 
 
 def test_head_learns_and_keeps_its_best_validation_epoch(blobs):
