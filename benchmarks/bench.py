@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import timeit
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -171,18 +172,29 @@ def head_training_seconds(X: np.ndarray, y: np.ndarray, epochs: int, seed: int =
     return time.perf_counter() - start
 
 
+def interleaved_medians(ways: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Median seconds of each way (a function returning the seconds it measured), run ``repeats`` times interleaved
+    (the machine's speed drifts)."""
+    seconds: dict[str, list[float]] = {way: [] for way in ways}
+    for _ in range(repeats):
+        for way, run in ways.items():
+            seconds[way].append(run())
+    return {way: float(np.median(times)) for way, times in seconds.items()}
+
+
 def baseline_blas_seconds(X: np.ndarray, y: np.ndarray, repeats: int = 3) -> dict:
     """The logistic baseline's fit on (X, y), median seconds of ``repeats`` interleaved, with numpy's and SciPy's BLAS
     sequential (the library's way, ``baseline.sequential_numpy_blas``) and left on their default threads."""
-    seconds: dict[str, list[float]] = {"sequential": [], "threaded": []}
-    for _ in range(repeats):
-        for way, times in seconds.items():
-            left_threaded = mock.patch.object(baseline, "sequential_numpy_blas", contextlib.nullcontext)
-            with left_threaded if way == "threaded" else contextlib.nullcontext():
-                start = time.perf_counter()
-                baseline.LogisticBaseline().fit(X, y)
-                times.append(time.perf_counter() - start)
-    return {way: float(np.median(times)) for way, times in seconds.items()}
+    def fit(context: contextlib.AbstractContextManager) -> float:
+        with context:
+            start = time.perf_counter()
+            baseline.LogisticBaseline().fit(X, y)
+            return time.perf_counter() - start
+
+    return interleaved_medians({
+        "sequential": lambda: fit(contextlib.nullcontext()),
+        "threaded": lambda: fit(mock.patch.object(baseline, "sequential_numpy_blas", contextlib.nullcontext)),
+    }, repeats)
 
 
 FIRST_HEAD_FIT = """
@@ -203,11 +215,8 @@ def first_head_fit_seconds(dim: int, repeats: int = 3) -> dict:
     """A head's first fit in a fresh process (1,000 vectors, 2 epochs), median seconds of ``repeats`` interleaved,
     with the library's Adam (torch's functional API, ``head.Adam``) and with torch.optim.Adam, whose first use
     imports torch._dynamo."""
-    seconds: dict[str, list[float]] = {"functional": [], "torch.optim": []}
-    for _ in range(repeats):
-        for way, times in seconds.items():
-            times.append(in_child(["-c", FIRST_HEAD_FIT.format(dim=dim), way])["s"])
-    return {way: float(np.median(times)) for way, times in seconds.items()}
+    return interleaved_medians({way: lambda way=way: in_child(["-c", FIRST_HEAD_FIT.format(dim=dim), way])["s"]
+                                for way in ("functional", "torch.optim")}, repeats)
 
 
 def power_normalisation_ms(X: np.ndarray, repeats: int = 20) -> dict:

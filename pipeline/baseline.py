@@ -2,8 +2,8 @@
 
 C is chosen from ``C_GRID`` (10^-2 to 10^3, two per decade; one per decade above ``SMALL_FIT`` train vectors, where
 the validation score is flat between neighbours) on the validation split, the path stopping once ``PATH_PATIENCE``
-Cs in a row score no better than the best so far (it takes the validation score to have one peak along C; the Cs past it, so
-skipped, are the costliest fits when classes overlap), or, with ``cv_folds`` k >= 2, by
+Cs in a row score no better than the best so far (it takes the validation score to have one peak along C; the Cs
+past it, so skipped, are the costliest fits when classes overlap), or, with ``cv_folds`` k >= 2, by
 stratified k-fold cross-validation over train and validation together when they hold at most ``CV_MAX_VECTORS``
 vectors (with 30 images per class a 10% validation split is 3 images per class); then the model is refitted at
 that C on train and validation together (``final_fit``, see ``head.refits``), as scikit-learn's

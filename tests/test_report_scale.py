@@ -214,4 +214,3 @@ def test_the_103_class_page_is_sortable_and_loads_in_headless_chromium(reports, 
                    capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.shape == (4000, 1200) and pixels.std() > 20
-
