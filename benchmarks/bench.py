@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import platform
@@ -228,6 +229,18 @@ def power_normalisation_ms(X: np.ndarray, repeats: int = 20) -> dict:
     return {**best, "zeros": float((X == 0).mean()), "vectors": len(X)}
 
 
+def row_compress_ms(dim: int, rows: int = 8192, repeats: int = 20) -> dict:
+    """Milliseconds (best of ``repeats``) to copy the 90% of a block of ``rows`` float32 vectors that a mask keeps
+    into place, as stage two splits its train matrix while reading it: torch's index_select (the library's way) against
+    numpy's compress."""
+    block = np.random.default_rng(0).normal(size=(rows, dim)).astype(np.float32)
+    keep = np.random.default_rng(1).random(rows) < 0.9
+    out = np.zeros((int(keep.sum()), dim), dtype=np.float32)
+    compress_rows = importlib.import_module("pipeline.train")._compress_rows  # the module, not the function `train`
+    ways = {"ours": lambda: compress_rows(keep, block, out), "numpy": lambda: np.compress(keep, block, axis=0, out=out)}
+    return {way: min(timeit.repeat(run, number=1, repeat=repeats)) * 1e3 for way, run in ways.items()} | {"rows": rows}
+
+
 def decoder_ms(data: Path, backbone: str, images: int = 200) -> dict:
     """Per image, decode and resize to the backbone's crop: Pillow alone against ``load_image`` (TorchCodec for
     plain JPEGs, where it is installed)."""
@@ -350,6 +363,7 @@ def main() -> None:
         train_head_s = time.perf_counter() - start
         results["stage2"] = {"head_epoch_s_per_10k": epoch_s, "logreg_fit_s": logreg_s, "logreg_n": len(y),
                              "baseline_fit_s": baseline_blas_seconds(X, y), "power_normalisation_ms": power_normalisation_ms(X),
+                             "row_compress_ms": row_compress_ms(dim),
                              "first_head_fit_s": first_head_fit_seconds(dim), "train_head_wall_s": train_head_s}
 
         # 5. peak memory at two dataset sizes: stage one streams, stage two holds the vectors
@@ -430,6 +444,9 @@ def render(r: dict) -> str:
         *([f"power normalisation of the same {root['vectors']} vectors ({root['zeros']:.0%} zeros): {root['ours']:.2f} ms "
            f"against {root['plain']:.2f} ms for torch's plain sign * sqrt ({root['plain'] / root['ours']:.1f}x)"]
           if (root := s2.get("power_normalisation_ms")) else []),
+        *([f"splitting the train matrix as it is read (90% of a block of {rows['rows']:,} vectors copied into place): "
+           f"{rows['ours']:.1f} ms with torch's index_select (the default) against {rows['numpy']:.1f} ms with numpy's "
+           f"compress ({rows['numpy'] / rows['ours']:.1f}x)"] if (rows := s2.get("row_compress_ms")) else []),
         *([f"a head's first fit in a fresh process (1,000 vectors, 2 epochs): {first['functional']:.2f} s with torch's "
            f"functional Adam (the default) against {first['torch.optim']:.2f} s with torch.optim.Adam, whose first use "
            f"imports torch._dynamo ({first['torch.optim'] / first['functional']:.1f}x)"] if (first := s2.get("first_head_fit_s")) else []),
