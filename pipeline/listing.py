@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
-from array import array
 import os
 import stat
+from array import array
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from pipeline.bulk import per_image
@@ -326,8 +326,6 @@ def scan_dataset(root: Path) -> DatasetListing:
         for name in names:
             _scan_class(root, split, name, classes.index(name), splits[split])
     return DatasetListing(root, classes, splits)
-
-
 
 
 def augmented_views(listing: SplitListing, views: int) -> SplitListing:
